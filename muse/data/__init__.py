@@ -1,0 +1,1 @@
+"""Datasets: image folders, webdataset shards, pre-encoded token shards, and the emoji builder."""

@@ -1,0 +1,1 @@
+"""One readable training loop per stage, plus the pieces they share."""

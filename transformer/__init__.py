@@ -1,0 +1,1 @@
+"""Masked token transformer with text cross-attention, and the text encoder wrapper."""

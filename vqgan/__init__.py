@@ -1,0 +1,1 @@
+"""Vector-quantised image tokenizer: images <-> discrete token ids."""
