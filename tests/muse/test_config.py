@@ -45,7 +45,7 @@ def test_bad_keys_name_their_dotted_path(data, message):
 
 PRESET = """
 stage: vqgan
-model: {resolution: 16, base_channels: 16, channel_mult: [1, 2, 2], num_res_blocks: 1, codebook_size: 16}
+model: {resolution: 16, base_channels: 16, channel_mult: [1, 2, 2], num_res_blocks: 1, codebook_size: 16, norm_groups: 8}
 data: {path: data/emoji}
 train: {out_dir: runs/x, steps: 10, batch_size: 2}
 """
