@@ -1,0 +1,88 @@
+"""Token super-resolution (Muse): high-res token logits given the low-res tokens and the text.
+
+The low-res grid is embedded with its own 2-D positions and run through its own self-attention stack; its output,
+concatenated along the sequence with the projected text states, is the cross-attention memory of a masked transformer
+over the high-res grid. The memory is computed once per sampling call:
+
+    context = model.context(low_tokens, text.states, text.mask)
+    for step in range(num_steps):
+        logits = model(high_tokens, context, positions)       # (B, M, K_high)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from superres.config import SuperResConfig
+from transformer.model import Block, GridPositions, MaskedTransformer, TextContext, init_weights, resolve_grid
+from transformer.saving import load_config, load_weights, save_component
+
+
+class SuperResTransformer(nn.Module):
+    def __init__(self, config: SuperResConfig) -> None:
+        super().__init__()
+        self.config = config
+        high = config.high
+        self.low_embedding = nn.Embedding(config.low_codebook_size, high.width)
+        self.low_positions = GridPositions(config.low_grid_size, high.width)
+        self.low_drop = nn.Dropout(high.dropout)
+        self.low_blocks = nn.ModuleList(
+            Block(high.width, high.num_heads, high.mlp_ratio, high.dropout, cross_attention=False)
+            for _ in range(config.low_depth)
+        )
+        self.low_norm = nn.LayerNorm(high.width)
+        self.high = MaskedTransformer(high)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        init_weights(self)
+
+    def context(
+        self,
+        low_tokens: Tensor,
+        text_states: Tensor,
+        text_mask: Tensor,
+        low_grid: tuple[int, int] | None = None,
+    ) -> TextContext:
+        """Cross-attention memory of the high-res transformer, for every layer.
+
+        low_tokens: (B, Ll) long ids of the low-res grid, row-major over `low_grid` (else square); text_states
+        (B, S, text_dim) and text_mask (B, S) bool (True = real token). Memory: Ll low-res entries, then S text ones.
+        """
+        B = text_states.shape[0]
+        if low_tokens.ndim != 2 or low_tokens.shape[0] != B:
+            raise ValueError(f"low_tokens must be (B, Ll) with the text's batch {B}, got {tuple(low_tokens.shape)}")
+        if text_mask.dtype != torch.bool:
+            raise ValueError(f"text_mask must be a bool tensor (True = real token), got {text_mask.dtype}")
+        Ll = low_tokens.shape[1]
+        grid = resolve_grid(Ll, low_grid, self.config.low_grid_size)
+        x = self.low_drop(self.low_embedding(low_tokens) + self.low_positions(grid))  # (B, Ll, D)
+        for block in self.low_blocks:
+            x = block(x)
+        memory = torch.cat([self.low_norm(x), self.high.project_text(text_states)], dim=1)  # (B, Ll + S, D)
+        low_mask = torch.ones(B, Ll, dtype=torch.bool, device=low_tokens.device)
+        return self.high.memory_context(memory, torch.cat([low_mask, text_mask], dim=1))
+
+    def forward(
+        self,
+        high_tokens: Tensor,
+        context: TextContext,
+        positions: Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """(B, Lh) high-res ids (mask token = config.mask_token_id) -> logits (B, Lh, K_high), or (B, M, K_high) at
+        the (B, M) `positions`. `grid` is the high-res (h, w), square by default."""
+        return self.high(high_tokens, context, positions, grid)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        save_component(path, self.config, self)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> SuperResTransformer:
+        """Load a directory written by `save_pretrained`, in eval mode on the CPU."""
+        model = cls(load_config(path, SuperResConfig))
+        load_weights(path, model)
+        return model.eval()

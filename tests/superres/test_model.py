@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from superres.config import SuperResConfig
+from superres.model import SuperResTransformer
+from transformer.config import TransformerConfig
+
+HIGH = TransformerConfig(codebook_size=32, grid_size=8, width=32, depth=1, num_heads=4, text_dim=24)
+CFG = SuperResConfig(high=HIGH, low_codebook_size=16, low_grid_size=4, low_depth=1)
+
+
+def make_model(seed: int = 0) -> SuperResTransformer:
+    torch.manual_seed(seed)
+    return SuperResTransformer(CFG).eval()
+
+
+def make_inputs(batch: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randint(0, CFG.low_codebook_size, (batch, 16), generator=g)
+    high = torch.randint(0, HIGH.codebook_size, (batch, 64), generator=g)
+    high = high.masked_fill(torch.rand(batch, 64, generator=g) < 0.5, CFG.mask_token_id)
+    states = torch.randn(batch, 5, HIGH.text_dim, generator=g)
+    mask = torch.tensor([[True, True, True, False, False]]).expand(batch, -1)
+    return low, high, states, mask
+
+
+def test_config_mask_id_is_the_high_res_one():
+    assert CFG.mask_token_id == HIGH.mask_token_id == 32
+    with pytest.raises(ValueError, match="low_depth must be >= 1"):
+        SuperResConfig(high=HIGH, low_codebook_size=16, low_grid_size=4, low_depth=0)
+
+
+@torch.no_grad()
+def test_logits_follow_the_high_res_grid():
+    model = make_model()
+    low, high, states, mask = make_inputs(2)
+    context = model.context(low, states, mask)
+    assert model(high, context).shape == (2, 64, HIGH.codebook_size)
+    positions = torch.tensor([[0, 5, 63], [1, 2, 3]])
+    full = model(high, context)
+    assert torch.allclose(model(high, context, positions), full.gather(1, positions[..., None].expand(-1, -1, 32)))
+    # other grids: a 2x8 low-res strip conditions a 4x16 high-res strip
+    strip = model.context(low[:, :16], states, mask, low_grid=(2, 8))
+    assert model(high, strip, grid=(4, 16)).shape == (2, 64, HIGH.codebook_size)
+
+
+@torch.no_grad()
+def test_low_res_positions_matter():
+    model = make_model()
+    low, high, states, mask = make_inputs(2)
+    logits = model(high, model.context(low, states, mask))
+    flipped = low.view(2, 4, 4).flip(2).reshape(2, 16)  # same tokens, mirrored grid
+    assert not torch.allclose(model(high, model.context(flipped, states, mask)), logits, atol=1e-4)
+
+
+@torch.no_grad()
+def test_text_acts_only_through_its_keys():
+    model = make_model()
+    low, high, states, mask = make_inputs(2)
+    no_text = torch.zeros_like(mask)
+    logits = model(high, model.context(low, states, no_text))
+    assert torch.allclose(model(high, model.context(low, 10 * torch.randn_like(states), no_text)), logits, atol=1e-5)
+    with_text = model(high, model.context(low, states, mask))
+    other_text = model(high, model.context(low, torch.randn_like(states), mask))
+    assert not torch.allclose(with_text, other_text, atol=1e-4)
+
+
+def test_overfits_a_low_to_high_mapping():
+    model = make_model()
+    model.train()
+    g = torch.Generator().manual_seed(2)
+    low = torch.randint(0, CFG.low_codebook_size, (4, 16), generator=g)
+    high = torch.randint(0, HIGH.codebook_size, (4, 64), generator=g)
+    states = torch.zeros(4, 5, HIGH.text_dim)
+    no_text = torch.zeros(4, 5, dtype=torch.bool)  # the low-res tokens alone must identify the target
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(250):
+        masked = torch.rand(4, 64, generator=g) < torch.rand(4, 1, generator=g).clamp(min=0.2)
+        logits = model(high.masked_fill(masked, CFG.mask_token_id), model.context(low, states, no_text))
+        loss = F.cross_entropy(logits[masked], high[masked])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.full_like(high, CFG.mask_token_id), model.context(low, states, no_text))
+    assert F.cross_entropy(logits.flatten(0, 1), high.flatten()).item() < 0.05
+    assert torch.equal(logits.argmax(-1), high)
+
+
+@torch.no_grad()
+def test_save_load_gives_identical_logits(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path / "sr")
+    saved = json.loads((tmp_path / "sr" / "config.json").read_text())
+    assert saved["high"]["codebook_size"] == 32 and saved["low_grid_size"] == 4
+    loaded = SuperResTransformer.from_pretrained(tmp_path / "sr")
+    assert loaded.config == CFG
+    low, high, states, mask = make_inputs(2)
+    assert torch.equal(loaded(high, loaded.context(low, states, mask)), model(high, model.context(low, states, mask)))
+    (tmp_path / "sr" / "config.json").write_text(json.dumps({**saved, "high": {**saved["high"], "depht": 2}}))
+    with pytest.raises(ValueError, match="unknown config key 'high.depht'"):
+        SuperResTransformer.from_pretrained(tmp_path / "sr")
+    (tmp_path / "sr" / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "sr" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="is corrupt or truncated"):
+        SuperResTransformer.from_pretrained(tmp_path / "sr")
+
+
+@torch.no_grad()
+def test_bad_inputs_raise_clear_errors():
+    model = make_model()
+    low, high, states, mask = make_inputs(2)
+    with pytest.raises(ValueError, match="low_tokens must be"):
+        model.context(low[:1], states, mask)
+    with pytest.raises(ValueError, match="text_mask must be a bool tensor"):
+        model.context(low, states, mask.float())

