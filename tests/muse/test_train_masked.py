@@ -1,0 +1,218 @@
+"""Masked-token training (base and super-res stages): masking, the loss, fixed-ratio validation, exact resume."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+from muse.config import load_config
+from muse.data.tokens import TokenShardWriter
+from muse.train import superres as superres_trainer
+from muse.train import transformer as transformer_trainer
+from muse.train.checkpoint import load_checkpoint
+from muse.train.masked import FixedRatioValidation, masked_loss, masked_positions, text_dropout, training_mask
+from muse.train.tokens import TokenBatch, save_unconditional, trim_text
+from transformer.config import TextEncoderConfig
+from transformer.text import TextEmbedding, TextEncoder
+from vqgan.model import VQGAN
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+K, GRID, TEXT_DIM = 32, 4, 32
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory) -> TextEncoderConfig:
+    """A tiny random T5 encoder with the byte-level ByT5 tokenizer (no vocabulary file, no download)."""
+    path = tmp_path_factory.mktemp("tiny-t5")
+    torch.manual_seed(0)
+    tokenizer = ByT5Tokenizer()
+    T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1,
+                            num_heads=4)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return TextEncoderConfig(str(path), kind="t5", max_length=16)
+
+
+def write_shards(directory: Path, encoder: TextEncoder, config: TextEncoderConfig, n_train: int, n_val: int,
+                 low_grid: int | None = None) -> Path:
+    """Token shards as `muse data tokenize` writes them, with random grids: train/ and heldout/ splits."""
+    rng = np.random.default_rng(0)
+    high = GRID * 2 if low_grid else GRID
+    for split, n in (("train", n_train), ("heldout", n_val)):
+        captions = [f"{split} item {i}" for i in range(n)]
+        text = encoder(captions)
+        states, mask = trim_text(text.states, text.mask)
+        with TokenShardWriter(directory / split, items_per_shard=5) as writer:
+            writer.add(keys=[f"{split}/{i}" for i in range(n)], captions=captions,
+                       tokens=rng.integers(0, K, (n, high, high)), text_states=states, text_mask=mask,
+                       low_res_tokens=None if low_grid is None else rng.integers(0, K, (n, low_grid, low_grid)))
+    uncond = encoder.unconditional(1)
+    save_unconditional(directory, TextEmbedding(*trim_text(uncond.states, uncond.mask)), config)
+    return directory
+
+
+def tiny_vqgan(path: Path) -> Path:
+    torch.manual_seed(0)
+    VQGAN(load_config(CONFIGS / "vqgan" / "tiny.yaml").model).save_pretrained(path)
+    return path
+
+
+def stub_forward(seed: int = 0):
+    """A stage forward whose logits depend only on the positions asked for, never on the input tokens."""
+    table = torch.randn(GRID * GRID, K, generator=torch.Generator().manual_seed(seed))
+    seen = []
+
+    def forward(tokens, positions, batch):
+        seen.append(tokens.clone())
+        return table[positions]  # (B, M, K)
+
+    return forward, seen
+
+
+def random_batch(B=6, seed=0) -> TokenBatch:
+    g = torch.Generator().manual_seed(seed)
+    return TokenBatch(tokens=torch.randint(0, K, (B, GRID * GRID), generator=g),
+                      text_states=torch.randn(B, 5, TEXT_DIM, generator=g),
+                      text_mask=torch.ones(B, 5, dtype=torch.bool), low_tokens=None)
+
+
+def test_loss_reads_targets_only_at_masked_positions():
+    batch = random_batch()
+    mask = training_mask(batch, load_config(CONFIGS / "transformer" / "tiny.yaml").masking)
+    assert (mask.sum(dim=1) >= 1).all()
+    forward, seen = stub_forward()
+    loss = masked_loss(forward, batch, mask, mask_token_id=K).loss
+    # The network sees the mask token exactly at the masked positions and the true tokens elsewhere.
+    assert torch.equal(seen[0] == K, mask) and torch.equal(seen[0][~mask], batch.tokens[~mask])
+
+    changed = batch.tokens.clone()
+    changed[~mask] = (changed[~mask] + 1) % K
+    assert torch.equal(masked_loss(forward, TokenBatch(changed, batch.text_states, batch.text_mask, None), mask,
+                                   mask_token_id=K).loss, loss)
+    changed = batch.tokens.clone()
+    changed[mask] = (changed[mask] + 1) % K
+    assert not torch.equal(masked_loss(forward, TokenBatch(changed, batch.text_states, batch.text_mask, None), mask,
+                                       mask_token_id=K).loss, loss)
+
+
+def test_loss_equals_cross_entropy_over_masked_tokens_of_the_full_logits():
+    from transformer.config import TransformerConfig
+    from transformer.model import MaskedTransformer
+
+    from muse.train.transformer import TextToTokens
+
+    torch.manual_seed(0)
+    net = TextToTokens(MaskedTransformer(TransformerConfig(K, GRID, width=32, depth=1, num_heads=2,
+                                                           text_dim=TEXT_DIM))).eval()
+    batch = random_batch()
+    mask = torch.zeros(6, GRID * GRID, dtype=torch.bool)
+    for row, count in enumerate([1, 3, 16, 5, 2, 8]):  # ragged counts: rows padded to M = 16
+        mask[row, torch.randperm(GRID * GRID)[:count]] = True
+    positions, valid = masked_positions(mask)
+    assert positions.shape == (6, 16) and torch.equal(valid.sum(1), mask.sum(1))
+    out = masked_loss(net, batch, mask, mask_token_id=K)
+    full = net(batch.tokens.masked_fill(mask, K), torch.arange(GRID * GRID).expand(6, -1), batch)  # (B, L, K)
+    expected = torch.nn.functional.cross_entropy(full[mask], batch.tokens[mask])
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    assert out.num_masked == int(mask.sum())
+
+
+def test_fixed_ratio_validation_is_deterministic_and_exact_in_its_mask_counts():
+    batch = random_batch(B=10)
+    make = lambda: FixedRatioValidation(batch, (0.3, 0.9), mask_token_id=K, seed=5, batch_size=4)  # noqa: E731
+    first, second = make(), make()
+    for ratio, mask in first.masks.items():
+        assert (mask.sum(dim=1) == math.ceil(ratio * GRID * GRID)).all()
+        assert torch.equal(mask, second.masks[ratio])
+    forward, _ = stub_forward()
+    results = first.evaluate(forward, torch.device("cpu"))
+    assert results == first.evaluate(forward, torch.device("cpu")) == second.evaluate(forward, torch.device("cpu"))
+    assert set(results) == {"val/loss@0.3", "val/acc@0.3", "val/loss@0.9", "val/acc@0.9", "val/loss"}
+    other, _ = stub_forward(seed=1)
+    assert first.evaluate(other, torch.device("cpu")) != results
+
+
+def test_text_dropout_swaps_in_the_unconditional_states():
+    batch = random_batch(B=200)
+    null = TextEmbedding(torch.full((1, 2, TEXT_DIM), 7.0), torch.tensor([[True, False]]))
+    torch.manual_seed(0)
+    dropped = text_dropout(batch, null, 0.25)
+    is_null = (dropped.text_states[:, 0] == 7.0).all(dim=1)
+    assert 25 < int(is_null.sum()) < 75
+    assert (dropped.text_mask[is_null].sum(dim=1) == 1).all()
+    assert torch.equal(dropped.text_states[~is_null], batch.text_states[~is_null])
+
+
+class Preempted(Exception):
+    pass
+
+
+def run_interrupted_and_straight(module, cfg_path, tmp_path, monkeypatch, overrides, crash_at):
+    load = lambda out: load_config(cfg_path, [*overrides, f"train.out_dir={out}"])  # noqa: E731
+    module.train(load(tmp_path / "straight"))
+    real = module.write_checkpoint
+
+    def write_then_crash(run_dir, state, keep_every):
+        real(run_dir, state, keep_every)
+        if state["step"] == crash_at:
+            raise Preempted
+
+    monkeypatch.setattr(module, "write_checkpoint", write_then_crash)
+    with pytest.raises(Preempted):
+        module.train(load(tmp_path / "resumed"))
+    monkeypatch.undo()
+    module.train(load(tmp_path / "resumed"), resume=True)
+    return [load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("straight", "resumed")]
+
+
+def assert_same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_transformer_resume_from_shards_is_exact_and_writes_validation_and_samples(tmp_path, monkeypatch, t5):
+    shards = write_shards(tmp_path / "tokens", TextEncoder(t5), t5, n_train=11, n_val=5)
+    vqgan = tiny_vqgan(tmp_path / "vqgan")
+    overrides = [f"text.name_or_path={t5.name_or_path}", "text.kind=t5", f"model.text_dim={TEXT_DIM}",
+                 f"vqgan={vqgan}", "data.format=tokens", f"data.path={shards}", "masking.text_dropout=0.3",
+                 "masking.label_smoothing=0.1", "train.steps=5", "train.save_every=2", "train.batch_size=3"]
+    straight, resumed = run_interrupted_and_straight(transformer_trainer, CONFIGS / "transformer" / "tiny.yaml",
+                                                     tmp_path, monkeypatch, overrides, crash_at=2)
+    assert straight["step"] == resumed["step"] == 5
+    assert_same(straight["components"], resumed["components"])
+
+    run = tmp_path / "straight"
+    names = {row.split(",")[1] for row in (run / "logs" / "scalars.csv").read_text().splitlines()[1:]}
+    assert {"train/loss", "train/tokens_per_s", "val/loss@0.5", "val/loss@0.9", "val/acc@0.5"} <= names
+    assert (run / "samples" / "step-0000003.png").is_file()  # decoded through sampling.decode and the VQGAN
+    from transformer.model import MaskedTransformer
+
+    exported = MaskedTransformer.from_pretrained(run / "transformer")
+    assert torch.equal(exported.head.weight, straight["components"]["ema"]["head.weight"])
+
+
+def test_superres_resume_from_shards_is_exact(tmp_path, monkeypatch, t5):
+    shards = write_shards(tmp_path / "tokens", TextEncoder(t5), t5, n_train=7, n_val=3, low_grid=GRID)
+    vqgan = tiny_vqgan(tmp_path / "vqgan")
+    overrides = [f"text.name_or_path={t5.name_or_path}", "text.kind=t5", f"model.high.text_dim={TEXT_DIM}",
+                 f"vqgan_low={vqgan}", f"vqgan_high={vqgan}", "data.format=tokens", f"data.path={shards}",
+                 "masking.lowres_corruption=0.2", "train.steps=4", "train.save_every=2", "train.batch_size=3",
+                 "train.sample_every=4"]
+    straight, resumed = run_interrupted_and_straight(superres_trainer, CONFIGS / "superres" / "tiny.yaml",
+                                                     tmp_path, monkeypatch, overrides, crash_at=2)
+    assert straight["step"] == resumed["step"] == 4
+    assert_same(straight["components"], resumed["components"])
+    assert (tmp_path / "straight" / "samples" / "step-0000004.png").is_file()
+    assert (tmp_path / "straight" / "superres" / "model.safetensors").is_file()
