@@ -1,0 +1,347 @@
+"""`muse generate`, `muse inpaint`, `muse outpaint`, `muse edit`: the pipeline from the command line.
+
+    muse generate "a red apple" --num-images 4 --seed 0 --steps 24 --guidance 4 --out out/ [--model PATH]
+    muse generate --prompts prompts.txt --batch-size 16 --out out/          # one prompt per line
+    torchrun --nproc_per_node 4 -m muse.cli generate --prompts prompts.txt --out out/
+    muse inpaint "a dog face" --image in.png --mask mask.png                # white = regenerate
+    muse outpaint "a sunny sky" --image in.png --pad 0,0,64,0               # left,top,right,bottom pixels
+    muse edit "a green apple" --image in.png --strength 0.5
+
+Options carry the Python API's names (`--num-steps`, `--guidance-scale`, ...; `--steps` and `--guidance` are short
+forms). `muse generate` treats `--out` as one run: image k (prompt k // num_images, seed `--seed` + k) is written to
+`DIR/{k:06d}.png` and recorded in `DIR/manifest.jsonl` as {"index", "prompt", "seed", "file", "parameters"}. A rerun
+skips every image whose record matches and whose file exists, so an interrupted run resumes where it stopped. Under
+torchrun each rank takes the prompts whose index is its rank modulo the world size and appends to its own
+`manifest.part{rank}.jsonl`; at the end rank 0 merges the parts into `manifest.jsonl` (`read_manifest` reads either).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+MANIFEST = "manifest.jsonl"
+PART_GLOB = "manifest.part*.jsonl"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a `muse generate` run."""
+
+    index: int
+    prompt: str
+    seed: int | None  # None: drawn at generation time and recorded in the manifest
+
+    @property
+    def file(self) -> str:
+        return f"{self.index:06d}.png"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="saved pipeline directory or bundled preset name (default: the bundled model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: this rank's GPU, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of every component")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR",
+                        help="output directory (default: outputs)")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the first image; image k gets seed + k (default: random, recorded)")
+    parser.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=None, metavar="N",
+                        help="base-stage decoding steps (default: the model's)")
+    parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=None,
+                        metavar="S",
+                        help="classifier-free guidance scale; <= 1 turns guidance off (default: the model's)")
+    parser.add_argument("--guidance-schedule", default=None, choices=("constant", "linear"),
+                        help="constant, or ramped linearly over the steps (default: the model's)")
+    parser.add_argument("--negative-prompt", default=None, help="prompt for guidance's unconditional branch")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the token draws")
+    parser.add_argument("--top-k", type=int, default=None, help="draw tokens from the k most likely only")
+    parser.add_argument("--top-p", type=float, default=None, help="draw tokens from the top-p nucleus only")
+    parser.add_argument("--stages", type=int, default=None, choices=(1, 2),
+                        help="1: base stage only; 2: with super-resolution (default: every stage the model has)")
+    parser.add_argument("--superres-steps", type=int, default=None, metavar="N",
+                        help="super-resolution decoding steps (default: the model's)")
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --prompts FILE)")
+    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                        help="text file with one prompt per line (blank lines are skipped)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass")
+    _add_sampling_arguments(parser)
+    _add_model_arguments(parser)
+
+
+def add_inpaint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt")
+    parser.add_argument("--image", required=True, type=Path)
+    parser.add_argument("--mask", required=True, type=Path, help="same size as the image; white = regenerate")
+    _add_sampling_arguments(parser)
+    _add_model_arguments(parser)
+
+
+def add_outpaint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt")
+    parser.add_argument("--image", required=True, type=Path)
+    parser.add_argument("--pad", required=True, type=_parse_pad, metavar="LEFT,TOP,RIGHT,BOTTOM",
+                        help="pixels to add on each side, multiples of the model's token size")
+    _add_sampling_arguments(parser)
+    _add_model_arguments(parser)
+
+
+def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt")
+    parser.add_argument("--image", required=True, type=Path)
+    parser.add_argument("--strength", required=True, type=float,
+                        help="fraction of the image's tokens to resample, in [0, 1]")
+    parser.add_argument("--iterations", type=int, default=1, help="re-mask and resample this many times")
+    parser.add_argument("--mode", default="random", choices=("random", "confidence"),
+                        help="which tokens to re-mask: random, or the least likely under the new prompt")
+    _add_sampling_arguments(parser)
+    _add_model_arguments(parser)
+
+
+def _parse_pad(text: str) -> tuple[int, int, int, int]:
+    try:
+        pad = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pad must be four integers LEFT,TOP,RIGHT,BOTTOM, got {text!r}") from None
+    if len(pad) != 4:
+        raise argparse.ArgumentTypeError(f"--pad must be four integers LEFT,TOP,RIGHT,BOTTOM, got {text!r}")
+    return pad
+
+
+def _sampling_options(args: argparse.Namespace) -> dict:
+    """The pipeline keyword arguments the command line sets, under the API's names."""
+    return {
+        "num_steps": args.num_steps,
+        "guidance_scale": args.guidance_scale,
+        "guidance_schedule": args.guidance_schedule,
+        "negative_prompt": args.negative_prompt,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "stages": args.stages,
+        "superres_steps": args.superres_steps,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Manifest
+
+
+def read_manifest(out: str | os.PathLike) -> dict[int, dict]:
+    """Every record of a `muse generate` run in `out` by image index: manifest.jsonl and any per-rank parts, later
+    lines winning. A line cut short by a crash is skipped (its image is simply made again)."""
+    out = Path(out)
+    records: dict[int, dict] = {}
+    for file in [out / MANIFEST, *sorted(out.glob(PART_GLOB))]:
+        if not file.is_file():
+            continue
+        for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("index"), int):
+                records[record["index"]] = record
+    return records
+
+
+def _is_done(item: Item, record: dict | None, parameters: dict, out: Path) -> bool:
+    return (
+        record is not None
+        and record.get("prompt") == item.prompt
+        and record.get("parameters") == parameters
+        and (item.seed is None or record.get("seed") == item.seed)
+        and (out / item.file).is_file()
+    )
+
+
+def _merge_manifest(out: Path) -> None:
+    """Rewrite manifest.jsonl as one record per image, in index order, and remove the per-rank parts."""
+    records = read_manifest(out)
+    parts = sorted(out.glob(PART_GLOB))
+    tmp = out / (MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for index in sorted(records):
+            f.write(json.dumps(records[index], ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MANIFEST)
+    for part in parts:
+        part.unlink()
+
+
+def _append(file: Path, records: list[dict]) -> None:
+    """Append one JSON line per record and fsync. A line left unfinished by a crash is closed first, so it costs only
+    its own record, not the next one too."""
+    with open(file, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    with open(file, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_png(image, path: Path) -> None:
+    """Atomic, so a crash never leaves a truncated image under the final name."""
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _fail(command: str, error: Exception) -> SystemExit:
+    return SystemExit(f"muse {command}: {error}")
+
+
+def _load_pipeline(args: argparse.Namespace, command: str, local_rank: int = 0):
+    import torch
+
+    from muse.pipeline import MusePipeline
+
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        pipe = MusePipeline.from_pretrained(args.model)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise _fail(command, e) from None
+    return pipe.to(device, getattr(torch, args.dtype))
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if (args.prompt is None) == (args.prompts is None):
+        raise SystemExit("muse generate: give either a prompt or --prompts FILE, not both")
+    if args.prompt is not None:
+        return [args.prompt]
+    try:
+        lines = args.prompts.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"muse generate: cannot read --prompts {args.prompts}: {e}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SystemExit(f"muse generate: {args.prompts} holds no prompts")
+    return prompts
+
+
+def _items(prompts: list[str], num_images: int, seed: int | None, rank: int, world: int) -> Iterator[Item]:
+    """This rank's images: those of the prompts whose index is rank modulo world."""
+    for p in range(rank, len(prompts), world):
+        for i in range(num_images):
+            index = p * num_images + i
+            yield Item(index, prompts[p], None if seed is None else seed + index)
+
+
+def generate_main(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    prompts = _read_prompts(args)
+    if args.batch_size < 1 or args.num_images < 1:
+        raise SystemExit("muse generate: --batch-size and --num-images must be >= 1")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+
+        # Only for the final barrier; a long timeout because shards can be unbalanced by images already done.
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    pipe = _load_pipeline(args, "generate", int(os.environ.get("LOCAL_RANK", "0")))
+    options = _sampling_options(args)
+    # The settings an image depends on, defaults resolved, so that a rerun with other settings regenerates.
+    defaults = pipe.config
+    parameters = {
+        **options,
+        "num_steps": options["num_steps"] or defaults.num_steps,
+        "guidance_scale": defaults.guidance_scale if options["guidance_scale"] is None else options["guidance_scale"],
+        "guidance_schedule": options["guidance_schedule"] or defaults.guidance_schedule,
+        "superres_steps": options["superres_steps"] or defaults.superres_steps,
+        "model": str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model,
+    }
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / (MANIFEST if world == 1 else f"manifest.part{rank:03d}.jsonl")
+    done = read_manifest(out)
+    mine = list(_items(prompts, args.num_images, args.seed, rank, world))
+    todo = [item for item in mine if not _is_done(item, done.get(item.index), parameters, out)]
+    stale = sum(1 for item in todo if item.index in done and (out / item.file).is_file())
+    if stale:
+        print(f"muse generate: {out} holds {stale} images of this rank made with another prompt or settings; "
+              "they are replaced", file=sys.stderr)
+
+    start = time.perf_counter()
+    with tqdm(total=len(todo), unit="img", desc=f"rank {rank}" if world > 1 else "generate",
+              disable=rank != 0 or not todo) as bar:
+        for b in range(0, len(todo), args.batch_size):
+            batch = todo[b : b + args.batch_size]
+            seeds = None if args.seed is None else [item.seed for item in batch]
+            try:
+                result = pipe([item.prompt for item in batch], seed=seeds, **options)
+            except (ValueError, TypeError) as e:
+                raise _fail("generate", e) from None
+            records = []
+            for item, image, seed in zip(batch, result.images, result.seeds):
+                _save_png(image, out / item.file)
+                records.append({"index": item.index, "prompt": item.prompt, "seed": seed, "file": item.file,
+                                "parameters": parameters})
+            _append(manifest, records)
+            bar.update(len(batch))
+
+    if world > 1:
+        dist.barrier()  # every rank has written its part before rank 0 merges them
+    if rank == 0:
+        _merge_manifest(out)
+    if world > 1:
+        dist.destroy_process_group()
+    elapsed = time.perf_counter() - start
+    rate = f" ({len(todo) / elapsed:.2f} images/s)" if todo and elapsed > 0 else ""
+    print(f"muse generate: rank {rank}: {len(todo)} new, {len(mine) - len(todo)} already done{rate}; "
+          f"images in {out}, manifest {out / MANIFEST}", file=sys.stderr if rank else sys.stdout)
+
+
+def _run_image_task(args: argparse.Namespace, command: str, task_options: dict) -> None:
+    pipe = _load_pipeline(args, command)
+    try:
+        result = getattr(pipe, command)(args.prompt, image=args.image, num_images=args.num_images, seed=args.seed,
+                                        **task_options, **_sampling_options(args))
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise _fail(command, e) from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    for image, seed in zip(result.images, result.seeds):
+        path = args.out / f"{args.image.stem}-{command}-{seed}.png"
+        _save_png(image, path)
+        print(f"muse {command}: saved {path}")
+
+
+def inpaint_main(args: argparse.Namespace) -> None:
+    _run_image_task(args, "inpaint", {"mask": args.mask})
+
+
+def outpaint_main(args: argparse.Namespace) -> None:
+    _run_image_task(args, "outpaint", {"pad": args.pad})
+
+
+def edit_main(args: argparse.Namespace) -> None:
+    _run_image_task(args, "edit", {"strength": args.strength, "iterations": args.iterations,
+                                          "mode": args.mode})

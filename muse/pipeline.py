@@ -1,0 +1,1000 @@
+"""`MusePipeline`: text -> tokens -> pixels, plus inpainting, outpainting and mask-free editing.
+
+    pipe = MusePipeline.from_pretrained()                       # the bundled model, or a saved directory
+    out = pipe("a red apple", num_images=4, seed=0)
+    out.images[0].save("apple.png")
+    pipe.inpaint("a dog face", image=img, mask=mask)            # white = regenerate
+    pipe.outpaint("a sunny sky", image=img, pad=(0, 32, 0, 0))  # left, top, right, bottom in pixels
+    pipe.edit("a green apple", image=img, strength=0.5)         # Muse section 4.3, no mask
+
+Every task is the same `sampling.decode` on a pre-filled token grid: generation starts from an all-masked grid,
+inpainting from the image's tokens with the masked ones removed, outpainting from the image's tokens on a larger masked
+canvas, editing from the image's tokens with a fraction re-masked. A grid larger than the transformer's is decoded
+window by window (`sampling.plan_windows`), so a canvas can grow without limit.
+
+Text never reaches `sampling`: classifier-free guidance lives in the logits function built here
+(`guided_logits_fn`). The prompts are encoded once per call (through the text encoder's cache), the transformer's
+cross-attention keys/values are computed once per call for [conditional; unconditional] rows, and every decoding step
+runs both branches as one batched forward at the still-masked positions only.
+
+Seeds are per image: image b uses seed `seeds[b]` for all its randomness (counter-based, see `sampling.rng`), so an
+image is the same whatever batch it is generated in.
+
+With a super-resolution stage (`superres`), the base stage's tokens condition a second masked transformer over a finer
+grid, decoded with `superres_steps` steps, and the result is decoded to pixels by `superres_vqgan` (the base VQGAN
+when None). Images passed to inpaint/outpaint/edit are at the resolution of the last stage that runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+
+from sampling import (
+    SCHEDULES,
+    DecodeStep,
+    LogitsFn,
+    Window,
+    composite,
+    decode,
+    edit_mask,
+    feathered_composite_weights,
+    masked_grid,
+    outpaint_canvas,
+    pixel_to_token_mask,
+    plan_windows,
+    token_padding,
+)
+from superres.model import SuperResTransformer
+from transformer.config import TextEncoderConfig
+from transformer.model import MaskedTransformer, TextContext
+from transformer.saving import config_from_dict
+from transformer.text import MINILM_ALIAS, TextEmbedding, TextEncoder
+from vqgan.model import VQGAN
+
+PIPELINE_FILE = "pipeline.json"
+TEXT_ENCODER_FILE = "text_encoder.json"
+TEXT_ENCODER_DIR = "text_encoder"  # a local text encoder is copied here so the saved pipeline is self-contained
+ASSETS = Path(__file__).resolve().parent / "assets"  # bundled models, one directory per preset name
+DEFAULT_PRESET = "default"
+
+GUIDANCE_SCHEDULES = ("constant", "linear")
+EDIT_MODES = ("random", "confidence")
+MAX_SEED = 2**32  # seeds are 32-bit so that sub-streams (windows, stages, edit rounds) can use the high word
+
+ImageInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike]
+MaskInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike]
+# (tokens (B, L), context, positions (B, M), grid (h, w)) -> logits (B, M, K): MaskedTransformer and
+# SuperResTransformer both have this forward.
+TokenModel = Callable[[Tensor, TextContext, Tensor, tuple[int, int]], Tensor]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Defaults of sampling and editing; saved as pipeline.json beside the components."""
+
+    num_steps: int = 24                 # base-stage decoding steps (Muse: 24)
+    guidance_scale: float = 4.0         # classifier-free guidance on logits; <= 1 turns guidance off
+    guidance_schedule: str = "constant"  # "constant", or "linear": ramped from 1 to guidance_scale over the steps
+    superres_steps: int = 8             # super-resolution decoding steps (Muse: 8)
+    mask_schedule: str = "cosine"       # sampling.schedule name: how many tokens stay masked after each step
+    choice_temperature: float = 4.5     # Gumbel noise on the confidence that picks which tokens to commit
+    mask_dilation: int = 1              # inpainting: tokens added around the masked ones, so edges are regenerated too
+    seam: int = 4                       # inpainting: pixels outside the regenerated tokens over which it is feathered
+    window_overlap: float = 0.5         # large canvases: fraction of the model's grid shared by neighbouring windows
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "superres_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {self.guidance_schedule!r}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        if self.mask_schedule not in SCHEDULES:
+            raise ValueError(f"mask_schedule must be one of {SCHEDULES}, got {self.mask_schedule!r}")
+        if self.choice_temperature < 0:
+            raise ValueError(f"choice_temperature must be >= 0, got {self.choice_temperature}")
+        if self.mask_dilation < 0 or self.seam < 0:
+            raise ValueError(f"mask_dilation and seam must be >= 0, got {self.mask_dilation} and {self.seam}")
+        if not 0.0 < self.window_overlap < 1.0:
+            raise ValueError(f"window_overlap must be in (0, 1), got {self.window_overlap}")
+
+
+@dataclass
+class PipelineOutput:
+    images: list[Image.Image]     # one per row: prompt-major, then image index
+    tokens: Tensor                # (B, h, w) long tokens of the last stage that ran
+    seeds: list[int]              # the seed of each image; pass them back to reproduce it
+    prompts: list[str]            # the prompt of each image
+    low_res_tokens: Tensor | None  # (B, h, w) base-stage tokens when the super-resolution stage ran, else None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The resolved options of one call, one row per output image."""
+
+    prompts: list[str]
+    negatives: list[str]          # the unconditional branch's prompt per row ("" = none); unused without guidance
+    seeds: Tensor                 # (B,) int64 on the pipeline's device
+    num_steps: int
+    superres_steps: int
+    guidance_scale: float
+    guidance_schedule: str
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stages: int
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+
+def guided_logits_fn(
+    model: TokenModel,
+    context: TextContext,
+    grid: tuple[int, int],
+    guidance_scale: float,
+    guidance_schedule: str = "constant",
+) -> LogitsFn:
+    """A `sampling.decode` logits function with classifier-free guidance on the logits.
+
+    With guidance_scale > 1, `context` holds 2B rows, [conditional; unconditional] (the unconditional rows come from
+    the empty or the negative prompt), and each step runs both branches in one batched forward:
+    logits = uncond + s * (cond - uncond). s is `guidance_scale`, or with "linear" it ramps from 1 to guidance_scale,
+    reaching it at the last step (Muse). With guidance_scale <= 1, `context` holds B rows and each step is a single
+    conditional forward. `grid` is the (h, w) of the token grid being decoded.
+    """
+    if guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+    if guidance_scale <= 1.0:
+        return lambda tokens, positions, step: model(tokens, context, positions, grid)
+
+    def logits_fn(tokens: Tensor, positions: Tensor, step: DecodeStep) -> Tensor:
+        both = model(torch.cat([tokens, tokens]), context, torch.cat([positions, positions]), grid)  # (2B, M, K)
+        cond, uncond = both.chunk(2)
+        scale = guidance_scale
+        if guidance_schedule == "linear":
+            # Written in terms of progress, not a call count: decode skips trailing steps once every row is done.
+            scale = 1.0 + (guidance_scale - 1.0) * (step.index + 1) / step.num_steps
+        return uncond + scale * (cond - uncond)
+
+    return logits_fn
+
+
+class MusePipeline:
+    """Text-to-image generation and editing with a VQGAN, a text encoder, a masked transformer and, optionally, a
+    token super-resolution stage. Components are public attributes; `superres_vqgan=None` means the high-res tokens
+    share the base VQGAN."""
+
+    def __init__(
+        self,
+        vqgan: VQGAN,
+        text_encoder: TextEncoder,
+        transformer: MaskedTransformer,
+        superres: SuperResTransformer | None = None,
+        superres_vqgan: VQGAN | None = None,
+        config: PipelineConfig | None = None,
+    ) -> None:
+        self.vqgan = vqgan.eval()
+        self.text_encoder = text_encoder
+        self.transformer = transformer.eval()
+        self.superres = None if superres is None else superres.eval()
+        self.superres_vqgan = None if superres_vqgan is None else superres_vqgan.eval()
+        self.config = config or PipelineConfig()
+        self._check_components()
+
+    def _check_components(self) -> None:
+        t = self.transformer.config
+        if t.codebook_size != self.vqgan.config.codebook_size:
+            raise ValueError(
+                f"the transformer predicts {t.codebook_size} codes but the VQGAN has {self.vqgan.config.codebook_size}"
+            )
+        if t.text_dim != self.text_encoder.dim:
+            raise ValueError(f"the transformer expects text states of width {t.text_dim}, the text encoder gives "
+                             f"{self.text_encoder.dim}")
+        if self.superres is None:
+            if self.superres_vqgan is not None:
+                raise ValueError("superres_vqgan was given without a superres model")
+            return
+        s = self.superres.config
+        if s.low_codebook_size != self.vqgan.config.codebook_size:
+            raise ValueError(f"the super-res model reads {s.low_codebook_size} low-res codes but the base VQGAN has "
+                             f"{self.vqgan.config.codebook_size}")
+        if s.high.codebook_size != self.high_vqgan.config.codebook_size:
+            raise ValueError(f"the super-res model predicts {s.high.codebook_size} codes but its VQGAN has "
+                             f"{self.high_vqgan.config.codebook_size}")
+        if s.high.text_dim != self.text_encoder.dim:
+            raise ValueError(f"the super-res model expects text states of width {s.high.text_dim}, the text encoder "
+                             f"gives {self.text_encoder.dim}")
+        if s.high.grid_size % t.grid_size:
+            raise ValueError(f"the super-res grid ({s.high.grid_size}) must be a multiple of the base grid "
+                             f"({t.grid_size})")
+        if s.low_grid_size != t.grid_size:
+            raise ValueError(f"the super-res model was trained on {s.low_grid_size}x{s.low_grid_size} low-res grids, "
+                             f"the base transformer makes {t.grid_size}x{t.grid_size}")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Facts about sizes
+
+    @property
+    def high_vqgan(self) -> VQGAN:
+        """The VQGAN of the super-resolution stage's tokens."""
+        return self.vqgan if self.superres_vqgan is None else self.superres_vqgan
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def _scale(self) -> int:
+        """High-res tokens per low-res token along each axis."""
+        return self.superres.config.high.grid_size // self.transformer.config.grid_size
+
+    def _resolve_stages(self, stages: int | None) -> int:
+        if stages is None:
+            return 1 if self.superres is None else 2
+        if isinstance(stages, bool) or stages not in (1, 2):
+            raise ValueError(f"stages must be 1 or 2, got {stages!r}")
+        if stages == 2 and self.superres is None:
+            raise ValueError("stages=2 needs a super-resolution stage, and this pipeline has none")
+        return stages
+
+    def stride(self, stages: int | None = None) -> int:
+        """Pixels per base-stage token at the output resolution: image sizes and outpainting pads must be multiples."""
+        if self._resolve_stages(stages) == 1:
+            return self.vqgan.config.downsample_factor
+        return self._scale * self.high_vqgan.config.downsample_factor
+
+    def resolution(self, stages: int | None = None) -> int:
+        """Side in pixels of a generated image (the transformer's grid at the output resolution)."""
+        return self.transformer.config.grid_size * self.stride(stages)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Saving and loading
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None) -> MusePipeline:
+        """Load a directory written by `save_pretrained`, or a model bundled with the package by its preset name;
+        None is the bundled default model.
+
+        Raises FileNotFoundError for an unknown path or preset or a missing component, and ValueError for a corrupt
+        component, naming it.
+        """
+        path = _resolve_model(path)
+        manifest_file = path / PIPELINE_FILE
+        if not manifest_file.is_file():
+            raise FileNotFoundError(f"{path} is not a saved MusePipeline: {PIPELINE_FILE} not found")
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{manifest_file} is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict) or set(manifest) != {"components", "config"}:
+            raise ValueError(f"{manifest_file} must be a JSON object with exactly the keys 'components' and 'config'")
+        config = config_from_dict(PipelineConfig, manifest["config"], where=str(manifest_file))
+        components = manifest["components"]
+        known = ("vqgan", "transformer", "superres", "superres_vqgan")
+        if not isinstance(components, list) or not {"vqgan", "transformer"} <= set(components) <= set(known):
+            raise ValueError(f"{manifest_file}: 'components' must list vqgan, transformer and optionally superres and "
+                             f"superres_vqgan, got {components!r}")
+
+        vqgan = _load_component("vqgan", path, VQGAN.from_pretrained)
+        transformer = _load_component("transformer", path, MaskedTransformer.from_pretrained)
+        superres = superres_vqgan = None
+        if "superres" in components:
+            superres = _load_component("superres", path, SuperResTransformer.from_pretrained)
+        if "superres_vqgan" in components:
+            superres_vqgan = _load_component("superres_vqgan", path, VQGAN.from_pretrained)
+        text_encoder = _load_component("text_encoder", path, _load_text_encoder)
+        return cls(vqgan, text_encoder, transformer, superres, superres_vqgan, config)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write one directory per component, text_encoder.json and pipeline.json (last, so an interrupted save is
+        never mistaken for a complete one)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        components = ["vqgan", "transformer"]
+        self.vqgan.save_pretrained(path / "vqgan")
+        self.transformer.save_pretrained(path / "transformer")
+        if self.superres is not None:
+            components.append("superres")
+            self.superres.save_pretrained(path / "superres")
+        if self.superres_vqgan is not None:
+            components.append("superres_vqgan")
+            self.superres_vqgan.save_pretrained(path / "superres_vqgan")
+
+        text_config = self.text_encoder.config
+        if text_config.name_or_path != MINILM_ALIAS and Path(self.text_encoder.source).is_dir():
+            # A local model would not exist on another machine: ship a copy and point at it (relative to `path`).
+            target = path / TEXT_ENCODER_DIR
+            if target.resolve() != Path(self.text_encoder.source).resolve():
+                self.text_encoder.model.save_pretrained(target)
+                self.text_encoder.tokenizer.save_pretrained(target)
+            text_config = dataclasses.replace(text_config, name_or_path=TEXT_ENCODER_DIR)
+        _write_json(path / TEXT_ENCODER_FILE, dataclasses.asdict(text_config))
+        _write_json(path / PIPELINE_FILE, {"components": components, "config": dataclasses.asdict(self.config)})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MusePipeline:
+        """Move every component (in place) and return the pipeline."""
+        for module in (self.vqgan, self.transformer, self.superres, self.superres_vqgan):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        self.text_encoder.to(device, dtype)
+        return self
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Public tasks
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        num_images: int = 1,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        seed: int | Sequence[int] | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stages: int | None = None,
+        superres_steps: int | None = None,
+    ) -> PipelineOutput:
+        """Generate `num_images` images per prompt. Options left None take the pipeline's defaults (`self.config`).
+
+        Images are ordered prompt-major. `seed`: an int gives image i seed + i, a list gives one seed per image,
+        None draws a random base seed; `PipelineOutput.seeds` records each. `negative_prompt` (one, or one per
+        prompt) replaces the empty prompt in guidance's unconditional branch. `stages=1` stops after the base stage.
+        """
+        prompts = _prompt_list(prompt)
+        job = self._job(prompts, num_images, negative_prompt, seed, num_steps, guidance_scale, guidance_schedule,
+                        temperature, top_k, top_p, stages, superres_steps)
+        B, g = job.batch_size, self.transformer.config.grid_size
+        low = self._masked(B, (g, g), self.transformer.config.mask_token_id)
+        high = None
+        if job.stages == 2:
+            high = self._masked(B, (g * self._scale, g * self._scale), self.superres.config.mask_token_id)
+        low, high = self._sample(job, low, high)
+        tokens = low if high is None else high
+        images = _to_pil(self._decode_pixels(tokens, job.stages))
+        return self._output(images, tokens, job, low if high is not None else None)
+
+    @torch.inference_mode()
+    def inpaint(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        image: ImageInput,
+        mask: MaskInput,
+        num_images: int = 1,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        seed: int | Sequence[int] | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stages: int | None = None,
+        superres_steps: int | None = None,
+    ) -> PipelineOutput:
+        """Regenerate the part of `image` where `mask` is white (True), guided by the prompt.
+
+        image: PIL image, path, numpy (H, W, 3) uint8 or float in [0, 1], or tensor (3, H, W) / (N, 3, H, W) in
+        [-1, 1]; H and W multiples of `stride(stages)`. mask: same size, PIL (L or 1) / path / numpy / tensor, white or
+        True = regenerate; one mask, or one per image. Several images and prompts pair up (or one broadcasts).
+
+        Every token touching a masked pixel, grown by `config.mask_dilation` tokens, is regenerated; the masked
+        pixels are blanked before encoding so the kept tokens carry nothing of the old content. The result is pasted
+        over the input with a `config.seam`-pixel feather: pixels farther than that from the regenerated tokens are
+        the input's, bit for bit.
+        """
+        prompts = _prompt_list(prompt)
+        job_stages = self._resolve_stages(stages)
+        stride = self.stride(job_stages)
+        images = _image_tensor(image, "image")
+        masks = _mask_tensor(mask, "mask")
+        if masks.shape[-2:] != images.shape[-2:]:
+            raise ValueError(f"the mask is {masks.shape[-1]}x{masks.shape[-2]} pixels but the image is "
+                             f"{images.shape[-1]}x{images.shape[-2]}; they must be the same size")
+        _check_size(images, stride, "image")
+        prompts, images, masks = _paired(prompts, images, masks)
+        job = self._job(prompts, num_images, negative_prompt, seed, num_steps, guidance_scale, guidance_schedule,
+                        temperature, top_k, top_p, stages, superres_steps)
+        images = images.repeat_interleave(num_images, dim=0)  # (B, 3, H, W)
+        masks = masks.repeat_interleave(num_images, dim=0)  # (B, H, W)
+        dilation = self.config.mask_dilation
+        # A token is regenerated if any of its pixels is masked; blank those pixels so the encoder cannot smuggle the
+        # old content into neighbouring kept tokens.
+        blanked = images.masked_fill(masks[:, None], 0.0)
+        masks = masks.to(self.device)
+        low_mask = pixel_to_token_mask(masks, stride, dilation)  # (B, h, w)
+        low = masked_grid(self._encode(self.vqgan, self._base_image(blanked, stride, job.stages)), low_mask,
+                          self.transformer.config.mask_token_id)
+        high = None
+        region, region_stride = low_mask, stride
+        if job.stages == 2:
+            region_stride = self.high_vqgan.config.downsample_factor
+            region = pixel_to_token_mask(masks, region_stride, dilation)  # (B, hh, wh)
+            high = masked_grid(self._encode(self.high_vqgan, blanked), region, self.superres.config.mask_token_id)
+        low, high = self._sample(job, low, high)
+        tokens = low if high is None else high
+        generated = self._decode_pixels(tokens, job.stages)
+        weights = feathered_composite_weights(region.cpu(), region_stride, self.config.seam)
+        pixels = composite(generated, images, weights)
+        return self._output(_to_pil(pixels), tokens, job, low if high is not None else None)
+
+    @torch.inference_mode()
+    def outpaint(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        image: ImageInput,
+        pad: tuple[int, int, int, int],
+        num_images: int = 1,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        seed: int | Sequence[int] | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stages: int | None = None,
+        superres_steps: int | None = None,
+    ) -> PipelineOutput:
+        """Extend `image` by `pad` = (left, top, right, bottom) pixels, each a multiple of `stride(stages)`.
+
+        The canvas may be larger than the model's grid: it is decoded window by window, each window overlapping what
+        is already known, growing outward from the image. The original pixels are kept exactly.
+        """
+        prompts = _prompt_list(prompt)
+        job_stages = self._resolve_stages(stages)
+        stride = self.stride(job_stages)
+        images = _image_tensor(image, "image")
+        _check_size(images, stride, "image")
+        pad = _check_pad(pad, stride)
+        prompts, images, _ = _paired(prompts, images)
+        job = self._job(prompts, num_images, negative_prompt, seed, num_steps, guidance_scale, guidance_schedule,
+                        temperature, top_k, top_p, stages, superres_steps)
+        images = images.repeat_interleave(num_images, dim=0)  # (B, 3, H, W)
+        canvas = outpaint_canvas(self._encode(self.vqgan, self._base_image(images, stride, job.stages)),
+                                 token_padding(pad, stride), self.transformer.config.mask_token_id)
+        low, high = canvas.tokens, None
+        region, region_stride = canvas.mask, stride
+        if job.stages == 2:
+            region_stride = self.high_vqgan.config.downsample_factor
+            high_canvas = outpaint_canvas(self._encode(self.high_vqgan, images), token_padding(pad, region_stride),
+                                          self.superres.config.mask_token_id)
+            high, region = high_canvas.tokens, high_canvas.mask
+        low, high = self._sample(job, low, high)
+        tokens = low if high is None else high
+        generated = self._decode_pixels(tokens, job.stages)
+        left, top, right, bottom = pad
+        original = F.pad(images, (left, right, top, bottom))  # (B, 3, H', W'), only read where the weight is 0
+        # No seam: the border tokens outside the image are new, so there is nothing of the input to feather into.
+        weights = feathered_composite_weights(region.cpu(), region_stride, 0)
+        pixels = composite(generated, original, weights)
+        return self._output(_to_pil(pixels), tokens, job, low if high is not None else None)
+
+    @torch.inference_mode()
+    def edit(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        image: ImageInput,
+        strength: float,
+        iterations: int = 1,
+        mode: str = "random",
+        num_images: int = 1,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        seed: int | Sequence[int] | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stages: int | None = None,
+        superres_steps: int | None = None,
+    ) -> PipelineOutput:
+        """Mask-free editing and variations (Muse section 4.3): re-mask a fraction `strength` of the image's tokens
+        and resample them under the new prompt, `iterations` times.
+
+        mode "random" re-masks tokens chosen by the image's seed; "confidence" re-masks those the model finds least
+        likely under the new prompt. strength 0 returns the input unchanged; strength 1 ignores it (with one iteration
+        and mode "random", the result is `pipe(prompt, seed=...)`'s). With a super-resolution stage, the high-res
+        tokens under every re-masked low-res token are regenerated.
+        """
+        prompts = _prompt_list(prompt)
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        _check_int(iterations, "iterations")
+        if mode not in EDIT_MODES:
+            raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
+        job_stages = self._resolve_stages(stages)
+        stride = self.stride(job_stages)
+        images = _image_tensor(image, "image")
+        _check_size(images, stride, "image")
+        prompts, images, _ = _paired(prompts, images)
+        job = self._job(prompts, num_images, negative_prompt, seed, num_steps, guidance_scale, guidance_schedule,
+                        temperature, top_k, top_p, stages, superres_steps)
+        images = images.repeat_interleave(num_images, dim=0)  # (B, 3, H, W)
+        low = self._encode(self.vqgan, self._base_image(images, stride, job.stages))  # (B, h, w)
+        high = None if job.stages == 1 else self._encode(self.high_vqgan, images)
+        if strength == 0:
+            return self._output(_to_pil(images), low if high is None else high, job, None if high is None else low)
+
+        mask_id = self.transformer.config.mask_token_id
+        text = self._text(job)
+        context = self.transformer.text_context(text.states, text.mask)
+        changed = torch.zeros_like(low, dtype=torch.bool)
+        for iteration in range(iterations):
+            seeds = _substream(job.seeds, 0, iteration, 0)
+            confidence = None if mode == "random" else self._confidence(low, context, job)
+            remask = edit_mask(tuple(low.shape), float(strength), seeds, confidence)  # (B, h, w)
+            changed |= remask
+            low = self._fill(low.masked_fill(remask, mask_id), job, context, iteration=iteration)
+        if high is not None:
+            region = changed.repeat_interleave(self._scale, 1).repeat_interleave(self._scale, 2)  # (B, hh, wh)
+            high = self._superres_fill(masked_grid(high, region, self.superres.config.mask_token_id), low, text, job)
+        tokens = low if high is None else high
+        images = _to_pil(self._decode_pixels(tokens, job.stages))
+        return self._output(images, tokens, job, low if high is not None else None)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The shared machinery
+
+    def _job(
+        self,
+        prompts: list[str],
+        num_images: int,
+        negative_prompt: str | Sequence[str] | None,
+        seed: int | Sequence[int] | None,
+        num_steps: int | None,
+        guidance_scale: float | None,
+        guidance_schedule: str | None,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        stages: int | None,
+        superres_steps: int | None,
+    ) -> _Job:
+        """Check every option and expand the per-prompt ones to one row per image."""
+        _check_int(num_images, "num_images")
+        cfg = self.config
+        num_steps = cfg.num_steps if num_steps is None else _check_int(num_steps, "num_steps")
+        superres_steps = cfg.superres_steps if superres_steps is None else _check_int(superres_steps, "superres_steps")
+        guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
+                or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        guidance_schedule = cfg.guidance_schedule if guidance_schedule is None else guidance_schedule
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+                or not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        if top_k is not None:
+            _check_int(top_k, "top_k")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        negatives = [""] * len(prompts)
+        if negative_prompt is not None:
+            if guidance_scale <= 1:
+                raise ValueError(f"negative_prompt replaces the unconditional branch of guidance, which is off at "
+                                 f"guidance_scale={guidance_scale}; use a guidance_scale above 1")
+            negatives = _broadcast(_prompt_list(negative_prompt, "negative_prompt"), len(prompts), "negative_prompt")
+        rows = [p for p in prompts for _ in range(num_images)]
+        return _Job(
+            prompts=rows,
+            negatives=[n for n in negatives for _ in range(num_images)],
+            seeds=torch.tensor(_seed_list(seed, len(rows)), dtype=torch.int64, device=self.device),
+            num_steps=num_steps,
+            superres_steps=superres_steps,
+            guidance_scale=float(guidance_scale),
+            guidance_schedule=guidance_schedule,
+            temperature=float(temperature),
+            top_k=top_k,
+            top_p=None if top_p is None else float(top_p),
+            stages=self._resolve_stages(stages),
+        )
+
+    def _text(self, job: _Job) -> TextEmbedding:
+        """The text of every row, encoded once: B conditional rows, then B unconditional ones when guided."""
+        return self.text_encoder(job.prompts + job.negatives if job.guided else job.prompts)
+
+    def _sample(self, job: _Job, low: Tensor, high: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Fill the mask tokens of the base grid `low` (B, h, w) and then, when given, of the super-res grid `high`
+        (B, h * scale, w * scale) conditioned on the filled base grid."""
+        text = self._text(job)
+        low = self._fill(low, job, self.transformer.text_context(text.states, text.mask))
+        if high is not None:
+            high = self._superres_fill(high, low, text, job)
+        return low, high
+
+    def _fill(self, grid: Tensor, job: _Job, context: TextContext, iteration: int = 0) -> Tensor:
+        """Base stage: decode the mask tokens of `grid` (B, h, w), one model-sized window at a time."""
+        g = self.transformer.config.grid_size
+        return self._decode_windows(
+            grid, self.transformer, lambda window: context, (g, g), self._overlap(g), job, job.num_steps,
+            stage=0, iteration=iteration,
+        )
+
+    def _superres_fill(self, high: Tensor, low: Tensor, text: TextEmbedding, job: _Job) -> Tensor:
+        """Super-res stage: decode the mask tokens of `high` (B, hh, wh) given the complete base grid `low` (B, h, w).
+
+        Windows are laid on the high-res grid with the base stage's overlap in low-res tokens, so every window is
+        aligned with whole low-res tokens and reads exactly the low-res crop under it.
+        """
+        r, g = self._scale, self.superres.config.high.grid_size
+
+        def context(window: Window) -> TextContext:
+            crop = low[:, window.top // r : (window.top + window.height) // r,
+                       window.left // r : (window.left + window.width) // r]  # (B, h', w')
+            flat = crop.reshape(crop.shape[0], -1)  # (B, h' * w')
+            if job.guided:
+                flat = torch.cat([flat, flat])
+            return self.superres.context(flat, text.states, text.mask, low_grid=tuple(crop.shape[1:]))
+
+        overlap = r * self._overlap(self.transformer.config.grid_size)
+        return self._decode_windows(high, self.superres, context, (g, g), overlap, job, job.superres_steps, stage=1)
+
+    def _decode_windows(
+        self,
+        grid: Tensor,
+        model: nn.Module,
+        context_of: Callable[[Window], TextContext],
+        window: tuple[int, int],
+        overlap: int,
+        job: _Job,
+        num_steps: int,
+        stage: int,
+        iteration: int = 0,
+    ) -> Tensor:
+        """Decode every mask token of `grid` (B, h, w) with `model`, one window of at most `window` tokens at a time.
+
+        A grid no larger than the window is a single decode. The plan is shared by the batch (a token is decoded in
+        the first window that holds it unknown in any row), and each window's randomness is its own sub-stream of the
+        rows' seeds, the first window using the seeds themselves.
+        """
+        mask_id = model.config.mask_token_id
+        B = grid.shape[0]
+        grid = grid.clone()
+        plan = plan_windows((grid == mask_id).any(dim=0).cpu(), window, overlap)
+        for index, win in enumerate(plan):
+            crop = grid[:, win.rows, win.cols]
+            h, w = crop.shape[1:]
+            logits_fn = guided_logits_fn(model, context_of(win), (h, w), job.guidance_scale, job.guidance_schedule)
+            out = decode(
+                crop.reshape(B, h * w), logits_fn,  # (B, L)
+                mask_token_id=mask_id,
+                seeds=_substream(job.seeds, stage, iteration, index),
+                num_steps=num_steps,
+                schedule=self.config.mask_schedule,
+                temperature=job.temperature,
+                top_k=job.top_k,
+                top_p=job.top_p,
+                choice_temperature=self.config.choice_temperature,
+            )
+            grid[:, win.rows, win.cols] = out.tokens.view(B, h, w)  # (B, h, w)
+        return grid
+
+    def _confidence(self, tokens: Tensor, context: TextContext, job: _Job) -> Tensor:
+        """(B, h, w) guided log-probability of each token of a complete grid under the job's prompts."""
+        g = self.transformer.config.grid_size
+        B = tokens.shape[0]
+        confidence = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        everything = torch.ones(tokens.shape[1:], dtype=torch.bool)
+        for win in plan_windows(everything, (g, g), self._overlap(g)):
+            crop = tokens[:, win.rows, win.cols]
+            h, w = crop.shape[1:]
+            logits_fn = guided_logits_fn(self.transformer, context, (h, w), job.guidance_scale, job.guidance_schedule)
+            positions = torch.arange(h * w, device=tokens.device).expand(B, h * w)
+            flat = crop.reshape(B, h * w)  # (B, L)
+            logits = logits_fn(flat, positions, DecodeStep(0, 1)).float()  # (B, L, K)
+            log_probs = logits.log_softmax(dim=-1).gather(-1, flat[..., None])  # (B, L, 1)
+            confidence[:, win.rows, win.cols] = log_probs.view(B, h, w)  # (B, h, w)
+        return confidence
+
+    def _overlap(self, side: int) -> int:
+        """Tokens shared by neighbouring windows of a `side`-token model grid."""
+        return min(max(1, round(self.config.window_overlap * side)), max(1, side - 1))
+
+    def _masked(self, batch: int, grid: tuple[int, int], mask_id: int) -> Tensor:
+        return torch.full((batch, *grid), mask_id, dtype=torch.long, device=self.device)
+
+    def _encode(self, vqgan: VQGAN, images: Tensor) -> Tensor:
+        """(B, 3, H, W) float32 in [-1, 1] on any device -> (B, h, w) long on the pipeline's device."""
+        weight = next(vqgan.parameters())
+        images = images.to(weight.device, weight.dtype)
+        # One image at a time, like `_decode_pixels`, so that a row's tokens never depend on the rest of the batch.
+        return torch.cat([vqgan.encode(row[None]) for row in images]).to(self.device)
+
+    def _decode_pixels(self, tokens: Tensor, stages: int) -> Tensor:
+        """(B, h, w) tokens of the last stage -> (B, 3, H, W) float32 pixels in [-1, 1] on the CPU."""
+        vqgan = self.vqgan if stages == 1 else self.high_vqgan
+        # One image at a time: convolution kernels pick different algorithms for different batch sizes, and the last
+        # bit of a pixel must not depend on which other images were in the batch. Decoding is a small part of a call.
+        return torch.cat([vqgan.decode(row[None]).float().cpu() for row in tokens])
+
+    def _base_image(self, images: Tensor, stride: int, stages: int) -> Tensor:
+        """(B, 3, H, W) images at the output resolution -> the base VQGAN's resolution (H / stride tokens high).
+
+        With super-resolution this is the bicubic antialiased resize that made the low-res half of its training pairs.
+        """
+        if stages == 1:
+            return images
+        f = self.vqgan.config.downsample_factor
+        size = (images.shape[-2] // stride * f, images.shape[-1] // stride * f)
+        return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+    def _output(self, images: list[Image.Image], tokens: Tensor, job: _Job, low: Tensor | None) -> PipelineOutput:
+        return PipelineOutput(images=images, tokens=tokens, seeds=[int(s) for s in job.seeds.tolist()],
+                              prompts=list(job.prompts), low_res_tokens=low)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _prompt_list(prompt: str | Sequence[str], name: str = "prompt") -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError(f"{name} is an empty list; give at least one prompt")
+    for i, p in enumerate(prompt):
+        if not isinstance(p, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(p).__name__}")
+    return list(prompt)
+
+
+def _check_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _seed_list(seed: int | Sequence[int] | None, n: int) -> list[int]:
+    """One seed per image: int s -> s, s+1, ...; a list -> itself; None -> a random base seed, counted up."""
+    if seed is None:
+        base = random.SystemRandom().randrange(MAX_SEED - n)
+        return [base + i for i in range(n)]
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        seeds = [int(seed) + i for i in range(n)]
+    elif isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise ValueError(f"seed is a list of {len(seed)} but there are {n} images; give one seed per image")
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in seed):
+            raise TypeError("every seed must be an integer")
+        seeds = [int(s) for s in seed]
+    else:
+        raise TypeError(f"seed must be an integer, a list of integers or None, got {type(seed).__name__}")
+    if min(seeds) < 0 or max(seeds) >= MAX_SEED:
+        raise ValueError(f"seeds must lie in [0, 2**32), got {min(seeds)}..{max(seeds)}")
+    return seeds
+
+
+def _substream(seeds: Tensor, stage: int, iteration: int, window: int) -> Tensor:
+    """Seeds for one (stage, edit round, window) of a call: the image's own seeds for (0, 0, 0), so the first window
+    of the base stage reproduces plain generation; otherwise the same 32-bit seed with a distinct high word (the
+    decoder's hash folds in both halves)."""
+    tag = ((stage * 1_000_003 + iteration) * 1_000_003 + window) % (2**31 - 1)
+    return seeds + (tag << 32)
+
+
+def _broadcast(values: list, n: int, name: str) -> list:
+    if len(values) == n:
+        return values
+    if len(values) == 1:
+        return values * n
+    raise ValueError(f"got {len(values)} values for {name} but {n} images to make; give one or {n}")
+
+
+def _paired(
+    prompts: list[str], images: Tensor, masks: Tensor | None = None
+) -> tuple[list[str], Tensor, Tensor | None]:
+    """Pair prompts with images (N, 3, H, W) and masks (N, H, W): equal counts pair up, a count of 1 broadcasts."""
+    counts = [len(prompts), images.shape[0]] + ([] if masks is None else [masks.shape[0]])
+    n = max(counts)
+    if any(c not in (1, n) for c in counts):
+        raise ValueError(f"cannot pair {' / '.join(map(str, counts))} prompts / images / masks: give one of each, or "
+                         "equal numbers")
+
+    def expand(x: Tensor) -> Tensor:
+        return x.expand(n, *x.shape[1:])
+
+    return _broadcast(prompts, n, "prompt"), expand(images), None if masks is None else expand(masks)
+
+
+def _open_image(path: str | os.PathLike, name: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except UnidentifiedImageError:
+        raise ValueError(f"{name}: {os.fspath(path)} is not an image file PIL can read") from None
+
+
+def _image_tensor(image: ImageInput, name: str) -> Tensor:
+    """Any accepted image form -> (N, 3, H, W) float32 in [-1, 1] on the CPU."""
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image(image, name)
+    if isinstance(image, Image.Image):
+        try:
+            rgb = image.convert("RGB")
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{name}: cannot convert a {image.mode} image to RGB: {e}") from None
+        image = np.asarray(rgb)
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[-1] not in (1, 3):
+            raise ValueError(f"{name}: a numpy image must be (H, W, 3) or (H, W), got shape {image.shape}")
+        if image.dtype == np.uint8:
+            x = torch.from_numpy(np.array(image)).float().div(127.5).sub(1.0)
+        elif np.issubdtype(image.dtype, np.floating):
+            if image.size and not (image.min() >= 0.0 and image.max() <= 1.0):
+                raise ValueError(f"{name}: a float numpy image must hold values in [0, 1]")
+            x = torch.from_numpy(np.array(image, dtype=np.float32)).mul(2.0).sub(1.0)
+        else:
+            raise ValueError(f"{name}: a numpy image must be uint8 or float, got {image.dtype}")
+        return x.permute(2, 0, 1).expand(3, -1, -1)[None].contiguous()  # (1, 3, H, W)
+    if isinstance(image, Tensor):
+        x = image[None] if image.ndim == 3 else image
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(f"{name}: a tensor image must be float (3, H, W) or (N, 3, H, W), got "
+                             f"{x.dtype} {tuple(image.shape)}")
+        x = x.detach().float().cpu()
+        if x.numel() and not (x.min() >= -1.0 and x.max() <= 1.0):
+            raise ValueError(f"{name}: a tensor image must hold values in [-1, 1]")
+        return x
+    raise TypeError(f"{name} must be a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}")
+
+
+def _mask_tensor(mask: MaskInput, name: str) -> Tensor:
+    """Any accepted mask form -> (N, H, W) bool on the CPU, True = regenerate.
+
+    PIL and uint8 masks are white = regenerate (>= 128) unless they hold only 0 and 1; float masks are >= 0.5.
+    """
+    if isinstance(mask, (str, os.PathLike)):
+        mask = _open_image(mask, name)
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.array(mask))
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a PIL image, a path, a numpy array or a tensor, got {type(mask).__name__}")
+    m = mask.detach().cpu()
+    if m.ndim == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim != 3:
+        raise ValueError(f"{name} must be (H, W) or (N, H, W), got shape {tuple(mask.shape)}")
+    if m.dtype == torch.bool:
+        return m
+    if m.is_floating_point():
+        return m >= 0.5
+    if m.numel() and int(m.max()) <= 1:
+        return m > 0
+    return m >= 128
+
+
+def _check_size(images: Tensor, stride: int, name: str) -> None:
+    height, width = images.shape[-2:]
+    if height == 0 or width == 0 or height % stride or width % stride:
+        raise ValueError(f"{name} is {width}x{height} pixels; width and height must be positive multiples of "
+                         f"{stride} (the pixels per token at this resolution)")
+
+
+def _check_pad(pad: Sequence[int], stride: int) -> tuple[int, int, int, int]:
+    if not isinstance(pad, (list, tuple)) or len(pad) != 4 \
+            or any(isinstance(p, bool) or not isinstance(p, numbers.Integral) for p in pad):
+        raise ValueError(f"pad must be four integers (left, top, right, bottom) in pixels, got {pad!r}")
+    pad = tuple(int(p) for p in pad)
+    if any(p < 0 for p in pad):
+        raise ValueError(f"pad must not be negative, got {pad}")
+    if any(p % stride for p in pad):
+        raise ValueError(f"pad {pad} must be multiples of {stride} pixels (one token at this resolution)")
+    return pad
+
+
+def _to_pil(pixels: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) float in [-1, 1] -> PIL RGB images. Exact inverse of the uint8 -> float mapping of the inputs."""
+    array = pixels.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def bundled_presets() -> list[str]:
+    """Names of the models shipped inside the package (loadable with `MusePipeline.from_pretrained(name)`)."""
+    if not ASSETS.is_dir():
+        return []
+    return sorted(d.name for d in ASSETS.iterdir() if (d / PIPELINE_FILE).is_file())
+
+
+def _resolve_model(path: str | os.PathLike | None) -> Path:
+    """The pipeline directory that `path` names: an existing directory, else a bundled preset name."""
+    if path is None:
+        if DEFAULT_PRESET not in bundled_presets():
+            raise FileNotFoundError(
+                "the bundled default model is not installed in this version of musegen; pass the directory of a "
+                "saved pipeline instead: MusePipeline.from_pretrained('path/to/model') (--model PATH on the command "
+                "line)"
+            )
+        return ASSETS / DEFAULT_PRESET
+    directory = Path(path)
+    if directory.is_dir():
+        return directory
+    if isinstance(path, str) and path in bundled_presets():
+        return ASSETS / path
+    presets = bundled_presets()
+    known = f"; bundled presets: {', '.join(presets)}" if presets else ""
+    raise FileNotFoundError(f"no pipeline directory or bundled preset named {os.fspath(path)!r}{known}")
+
+
+def _load_component(name: str, path: Path, load: Callable[[Path], object]):
+    """Load one component, re-raising its error with the component's name in front."""
+    where = path / (TEXT_ENCODER_FILE if name == "text_encoder" else name)
+    try:
+        return load(path if name == "text_encoder" else where)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"the pipeline's {name} at {where} is missing: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"the pipeline's {name} at {where} is unreadable: {e}") from None
+    except OSError as e:
+        raise OSError(f"the pipeline's {name} at {where} cannot be loaded: {e}") from None
+
+
+def _load_text_encoder(path: Path) -> TextEncoder:
+    file = path / TEXT_ENCODER_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    config = config_from_dict(TextEncoderConfig, data, where=str(file))
+    # A relative path names a directory inside the pipeline (a copied local encoder), wherever the pipeline now is.
+    local = path / config.name_or_path
+    if config.name_or_path != MINILM_ALIAS and not Path(config.name_or_path).is_absolute() and local.is_dir():
+        config = dataclasses.replace(config, name_or_path=str(local))
+    return TextEncoder(config)
+
+
+def _write_json(file: Path, data: dict) -> None:
+    """Atomic: write `file.tmp`, fsync, rename."""
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)

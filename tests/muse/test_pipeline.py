@@ -1,0 +1,201 @@
+"""MusePipeline generation: seeds, batch independence, parity of the cached/guided logits with a naive computation,
+forward counts, negative prompts, the super-res cascade, and save -> load."""
+
+import numpy as np
+import pytest
+import torch
+
+from muse.pipeline import MusePipeline, PipelineOutput, guided_logits_fn
+from sampling import decode
+
+PROMPTS = ["a red apple", "a dog with a face", "blue sky", "a green tree", "a house", "a car", "the cat", "a sunny sky"]
+
+
+def pixels(out: PipelineOutput) -> list[np.ndarray]:
+    return [np.asarray(im) for im in out.images]
+
+
+def test_same_seed_same_images_other_seed_other_tokens(tiny_pipe):
+    a = tiny_pipe("a red apple", num_images=2, seed=7)
+    b = tiny_pipe("a red apple", num_images=2, seed=7)
+    c = tiny_pipe("a red apple", num_images=2, seed=8)
+    assert isinstance(a, PipelineOutput) and a.seeds == [7, 8] and c.seeds == [8, 9]
+    assert a.tokens.shape == (2, 4, 4) and a.tokens.dtype == torch.long
+    assert torch.equal(a.tokens, b.tokens)
+    assert all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b)))
+    assert a.images[0].size == (16, 16) and a.images[0].mode == "RGB"
+    # seed 8 is image 1 of a and image 0 of c
+    assert torch.equal(a.tokens[1], c.tokens[0]) and not torch.equal(a.tokens[0], c.tokens[0])
+    assert int(a.tokens.max()) < 16  # no mask token survives
+
+
+def test_an_image_does_not_depend_on_its_batch(tiny_pipe):
+    """Image i (prompt, seed) at batch 1 equals the same image among 7 other prompts and seeds at batch 8."""
+    seeds = [101, 5, 77, 3, 900, 42, 11, 64]
+    batch = tiny_pipe(PROMPTS, seed=seeds)
+    assert batch.seeds == seeds and batch.prompts == PROMPTS
+    for i in (0, 3, 7):
+        alone = tiny_pipe(PROMPTS[i], seed=seeds[i])
+        assert torch.equal(alone.tokens[0], batch.tokens[i])
+        assert np.array_equal(pixels(alone)[0], pixels(batch)[i])
+
+
+def test_random_seeds_are_recorded_and_reproduce(tiny_pipe):
+    out = tiny_pipe(["a dog", "a cat"], num_images=2)
+    assert len(out.seeds) == 4 and out.seeds == list(range(out.seeds[0], out.seeds[0] + 4))
+    again = tiny_pipe(["a dog", "a cat"], num_images=2, seed=out.seeds)
+    assert torch.equal(out.tokens, again.tokens)
+    assert out.prompts == ["a dog", "a dog", "a cat", "a cat"]
+
+
+def naive_logits_fn(pipe, prompts, negatives, scale, schedule="constant"):
+    """Reference: encode the text, build the cross-attention context and run full-grid forwards (one per branch)
+    at every step, then pick the asked positions."""
+    model = pipe.transformer
+
+    def logits_fn(tokens, positions, step):
+        cond_text = pipe.text_encoder(prompts)
+        cond = model(tokens, model.text_context(cond_text.states, cond_text.mask))  # (B, L, K)
+        uncond_text = pipe.text_encoder(negatives)
+        uncond = model(tokens, model.text_context(uncond_text.states, uncond_text.mask))
+        s = scale if schedule == "constant" else 1 + (scale - 1) * (step.index + 1) / step.num_steps
+        full = uncond + s * (cond - uncond)
+        return full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
+
+    return logits_fn
+
+
+@pytest.mark.parametrize("schedule, negative", [("constant", None), ("linear", "blurry ugly")])
+def test_cached_context_and_restricted_logits_match_a_naive_computation(tiny_pipe, schedule, negative):
+    prompts, seeds, scale = ["a red apple", "a dog", "blue sky"], [3, 4, 5], 2.5
+    out = tiny_pipe(prompts, seed=seeds, guidance_scale=scale, guidance_schedule=schedule, negative_prompt=negative,
+                    num_steps=5)
+    mask_id = tiny_pipe.transformer.config.mask_token_id
+    start = torch.full((3, 16), mask_id, dtype=torch.long)
+    with torch.inference_mode():
+        reference = decode(
+            start, naive_logits_fn(tiny_pipe, prompts, [negative or ""] * 3, scale, schedule),
+            mask_token_id=mask_id, seeds=torch.tensor(seeds), num_steps=5,
+            schedule=tiny_pipe.config.mask_schedule, choice_temperature=tiny_pipe.config.choice_temperature,
+        )
+    assert torch.equal(out.tokens.view(3, 16), reference.tokens)
+
+
+def count_calls(monkeypatch, obj, name):
+    calls = []
+    real = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+def test_guidance_runs_one_batched_forward_per_step_and_one_context_per_call(tiny_pipe, monkeypatch):
+    forwards = count_calls(monkeypatch, tiny_pipe.transformer, "forward")
+    contexts = count_calls(monkeypatch, tiny_pipe.transformer, "text_context")
+    tiny_pipe(["a dog", "a cat"], seed=0, num_steps=4, guidance_scale=3.0)
+    assert len(contexts) == 1 and contexts[0][0].shape[0] == 4  # [cond; uncond] encoded together once
+    assert len(forwards) == 4
+    assert all(tokens.shape[0] == 4 and positions.shape[0] == 4 for tokens, _, positions, _ in forwards)
+    # logits only at the still-masked positions: all 16 at first, fewer at every later step
+    widths = [positions.shape[1] for _, _, positions, _ in forwards]
+    assert widths[0] == 16 and all(a > b for a, b in zip(widths, widths[1:]))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.0])
+def test_guidance_at_most_one_runs_no_unconditional_branch(tiny_pipe, monkeypatch, scale):
+    forwards = count_calls(monkeypatch, tiny_pipe.transformer, "forward")
+    contexts = count_calls(monkeypatch, tiny_pipe.transformer, "text_context")
+    out = tiny_pipe(["a dog", "a cat"], seed=0, num_steps=4, guidance_scale=scale)
+    assert len(forwards) == 4 and all(call[0].shape[0] == 2 for call in forwards)
+    assert len(contexts) == 1 and contexts[0][0].shape[0] == 2
+    # scale 0 and 1 both mean "conditional logits only"
+    assert torch.equal(out.tokens, tiny_pipe(["a dog", "a cat"], seed=0, num_steps=4, guidance_scale=1.0).tokens)
+
+
+def test_text_is_encoded_once_per_call_and_cached_across_calls(tiny_pipe, monkeypatch):
+    tiny_pipe.text_encoder.clear_cache()
+    encodes = count_calls(monkeypatch, tiny_pipe.text_encoder, "_encode")
+    tiny_pipe(["a house", "a house", "a car"], seed=0, num_steps=3)
+    assert len(encodes) == 1 and sorted(encodes[0][0]) == ["", "a car", "a house"]
+    tiny_pipe(["a house"], seed=1, num_steps=3)
+    assert len(encodes) == 1
+
+
+def test_negative_prompt_replaces_the_unconditional_branch(tiny_pipe, monkeypatch):
+    contexts = count_calls(monkeypatch, tiny_pipe.transformer, "text_context")
+    with_negative = tiny_pipe(["a dog", "a cat"], seed=[0, 1], negative_prompt="blurry")
+    without = tiny_pipe(["a dog", "a cat"], seed=[0, 1])
+    states_neg, states_plain = contexts[0][0], contexts[1][0]
+    blurry, empty = tiny_pipe.text_encoder(["blurry"]).states[0], tiny_pipe.text_encoder([""]).states[0]
+    assert torch.equal(states_neg[2], blurry) and torch.equal(states_neg[3], blurry)
+    assert torch.equal(states_plain[2], empty) and torch.equal(states_neg[:2], states_plain[:2])
+    assert not torch.equal(with_negative.tokens, without.tokens)
+    # one negative per prompt is paired with its prompt
+    per_prompt = tiny_pipe(["a dog", "a cat"], seed=[0, 1], negative_prompt=["blurry", ""])
+    assert torch.equal(per_prompt.tokens[0], with_negative.tokens[0])
+    assert torch.equal(per_prompt.tokens[1], without.tokens[1])
+
+
+def test_guided_logits_fn_combines_branches_on_logits():
+    calls = []
+
+    def model(tokens, context, positions, grid):
+        calls.append(tokens.shape[0])
+        B = tokens.shape[0] // 2
+        return torch.cat([torch.full((B, positions.shape[1], 3), 2.0), torch.full((B, positions.shape[1], 3), 1.0)])
+
+    from sampling import DecodeStep
+
+    fn = guided_logits_fn(model, None, (2, 2), 3.0, "linear")
+    tokens, positions = torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)
+    first, last = fn(tokens, positions, DecodeStep(0, 4)), fn(tokens, positions, DecodeStep(3, 4))
+    assert calls == [2, 2]
+    assert torch.allclose(first, torch.full((1, 2, 3), 1.0 + 1.5)) and torch.allclose(last, torch.full((1, 2, 3), 4.0))
+
+
+def test_save_then_load_gives_identical_images(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "copy")
+    loaded = MusePipeline.from_pretrained(tmp_path / "copy")
+    assert loaded.config == tiny_pipe.config
+    a, b = tiny_pipe(PROMPTS[:3], seed=9), loaded(PROMPTS[:3], seed=9)
+    assert torch.equal(a.tokens, b.tokens) and all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b)))
+    # the copied text encoder is found relative to the pipeline directory, wherever that is moved
+    (tmp_path / "copy").rename(tmp_path / "moved")
+    moved = MusePipeline.from_pretrained(tmp_path / "moved")
+    assert torch.equal(moved(PROMPTS[:3], seed=9).tokens, a.tokens)
+
+
+def test_cascade_generates_high_res_and_stops_after_base_on_request(tiny_cascade, tmp_path, monkeypatch):
+    contexts = count_calls(monkeypatch, tiny_cascade.superres, "context")
+    full = tiny_cascade(["a dog", "a cat"], seed=4)
+    assert len(contexts) == 1 and contexts[0][0].shape == (4, 16)  # low-res tokens for [cond; uncond], once
+    assert full.images[0].size == (32, 32) and full.tokens.shape == (2, 8, 8)
+    assert full.low_res_tokens.shape == (2, 4, 4)
+    alone = tiny_cascade("a cat", seed=5)  # the second image of the batch, on its own
+    assert torch.equal(alone.tokens[0], full.tokens[1]) and np.array_equal(pixels(alone)[0], pixels(full)[1])
+    base = tiny_cascade(["a dog", "a cat"], seed=4, stages=1)
+    assert base.images[0].size == (16, 16) and base.low_res_tokens is None
+    assert torch.equal(base.tokens, full.low_res_tokens)
+    assert tiny_cascade.stride() == 8 and tiny_cascade.stride(stages=1) == 4 and tiny_cascade.resolution() == 32
+
+    tiny_cascade.save_pretrained(tmp_path / "cascade")
+    loaded = MusePipeline.from_pretrained(tmp_path / "cascade")
+    assert loaded.superres is not None and loaded.superres_vqgan is None
+    again = loaded(["a dog", "a cat"], seed=4)
+    assert torch.equal(again.tokens, full.tokens)
+    assert all(np.array_equal(x, y) for x, y in zip(pixels(again), pixels(full)))
+
+
+def test_superres_steps_are_counted_separately(tiny_cascade, monkeypatch):
+    forwards = count_calls(monkeypatch, tiny_cascade.superres, "forward")
+    tiny_cascade("a dog", seed=0, superres_steps=2)
+    assert len(forwards) == 2
+
+
+def test_to_returns_the_pipeline_on_the_device(tiny_pipe):
+    assert tiny_pipe.to("cpu", torch.float32) is tiny_pipe
+    assert tiny_pipe.device == torch.device("cpu") and tiny_pipe.text_encoder.dtype == torch.float32
