@@ -1,0 +1,644 @@
+"""Sampling throughput of the token-generation loop: musegen vs diffusers' aMUSEd vs muse-maskgit-pytorch.
+
+Reports images/s for the "bench-256" config (16x16 tokens, K=8192, width 512, 8 layers, 8 heads, 77 text tokens,
+24 steps), with classifier-free guidance on and off, at batch 1 and 8, fp32 on the CPU with a fixed thread count; the
+fraction of this machine's fp32 matmul peak reached (the peak is measured in the same run); and the ratio of our
+images/s to each competitor's. All three models have random weights and are built at matched width / depth / heads /
+tokens / codebook / text length; nothing is downloaded. bench/README.md documents every matching decision.
+
+Timed region, identical in kind for the three: precomputed text encoder states in, token ids out. The text encoder is
+NOT run (random states stand in for its output); each model's own text projection / cross-attention keys and values
+ARE inside the timing; VQ decoding is not (each library has its own VQ).
+
+    python bench/sample.py                              # full run, quiet machine only (~20 min on 2 cores)
+    python bench/sample.py --quick                      # smoke run: fewer steps, reps and images
+    python bench/sample.py --quick --skip-competitors   # < 60 s
+    python bench/sample.py --quick --skip-competitors --profile   # where our time goes (torch.profiler)
+
+The JSON result goes to stdout and, for full runs (or with --out), to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+# muse-maskgit-pytorch wraps its decoding loop in tqdm; the bar would interleave with our report. tqdm reads TQDM_*
+# environment overrides when it is imported, so this must come before any import that pulls tqdm in.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as `python bench/sample.py` from a checkout without the editable install
+    sys.path.insert(0, str(REPO))
+
+from sampling import DecodeStep, decode  # noqa: E402
+from sampling.schedule import num_masked  # noqa: E402
+from transformer.config import TransformerConfig  # noqa: E402
+from transformer.model import MaskedTransformer, TextContext  # noqa: E402
+
+SCHEMA_VERSION = 1
+OURS, DIFFUSERS, MASKGIT = "musegen", "diffusers", "muse-maskgit-pytorch"
+TARGETS = {DIFFUSERS: 3.0, MASKGIT: 4.0}  # ours / theirs images/s, guidance on, at TARGET_BATCH
+TARGET_BATCH = 8
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The "bench-256" shapes, shared by all three libraries."""
+
+    grid_size: int = 16         # h == w: a 256 px image through a stride-16 VQ
+    codebook_size: int = 8192   # K
+    width: int = 512            # D
+    depth: int = 8
+    num_heads: int = 8
+    mlp_ratio: float = 4.0      # ours: GELU MLP D -> 4D -> D. Theirs use GEGLU at the same FLOPs (README).
+    text_length: int = 77       # S
+    text_dim: int = 768         # T5-base / CLIP-L width of the (random) text encoder states
+    num_steps: int = 24
+    guidance_scale: float = 3.0  # any value > 1 turns guidance on; the value does not change the cost
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size * self.grid_size  # L
+
+    @property
+    def geglu_hidden(self) -> int:
+        """GEGLU width with the parameters and FLOPs of our D -> rD -> D GELU MLP: 3 * D * I == 2 * r * D * D.
+
+        int(D * r * 2 / 3) is muse-maskgit-pytorch's own formula for its FeedForward; diffusers gets the same value.
+        """
+        return int(self.width * self.mlp_ratio * 2 / 3)
+
+
+@dataclass(frozen=True)
+class Case:
+    library: str
+    guidance: bool
+    batch: int
+
+
+@dataclass
+class CaseResult:
+    library: str
+    guidance: bool
+    batch: int
+    num_steps: int
+    seconds: list[float]            # wall time of each timed run (one run = `batch` images)
+    seconds_per_run: float          # median of `seconds`
+    images_per_s: float
+    seconds_per_image: float
+    gflop_per_image: float          # this library's own analytic matmul FLOPs (see *_flops)
+    achieved_gflops: float
+    fraction_of_peak: float
+    ratio_vs: dict[str, float]      # ours: ours / theirs images/s for the same (guidance, batch); others: empty
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Machine and peak
+
+
+def machine_info(threads: int) -> dict:
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first processor's entry
+    except OSError:
+        pass
+    return {
+        "cpu_model": fields.get("model name", "unknown"),
+        "cpu_mhz": float(fields["cpu MHz"]) if "cpu MHz" in fields else None,
+        "physical_cores_per_socket": int(fields["cpu cores"]) if "cpu cores" in fields else None,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch_version": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "threads": torch.get_num_threads(),
+        "threads_requested": threads,
+        "interop_threads": torch.get_num_interop_threads(),
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def measure_matmul_peak(sizes: tuple[int, ...], reps: int) -> dict:
+    """Best fp32 GFLOP/s of an n x n @ n x n matmul (2 n^3 FLOPs) with the current thread count.
+
+    The best over reps and sizes is the "peak": it is what this BLAS reaches on this machine right now, so a loaded
+    machine lowers both the peak and the model's throughput instead of only the latter.
+    """
+    per_size = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        torch.mm(a, b, out=out)  # warm-up: thread pool spin-up, page faults on `out`
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+        per_size[str(n)] = 2 * n**3 / best / 1e9
+    return {"method": "best of torch.mm fp32 n x n, 2 n^3 FLOPs", "reps": reps, "gflops_by_size": per_size,
+            "gflops": max(per_size.values()), "load_average": list(os.getloadavg())}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Analytic FLOPs: matmuls only (2 per multiply-add), including attention scores and attention-weighted values.
+# Norms, softmax, activations, embeddings and sampling are left out; they are a few percent and memory-bound anyway.
+
+
+def steps_positions(cfg: BenchConfig, num_steps: int) -> list[int]:
+    """Masked positions M our decode asks logits for at each step it runs (steps with nothing masked are skipped)."""
+    counts = num_masked(torch.tensor([cfg.num_tokens]), num_steps)[0]  # (T + 1,)
+    return [int(c) for c in counts[:-1] if c > 0]
+
+
+def ours_flops(cfg: BenchConfig, guidance: bool, num_steps: int) -> float:
+    """Per image: text context once, then per step the trunk over all L tokens and the head at the M masked ones."""
+    L, D, S, K, Dt = cfg.num_tokens, cfg.width, cfg.text_length, cfg.codebook_size, cfg.text_dim
+    hidden = int(D * cfg.mlp_ratio)
+    layer = (
+        2 * L * D * 3 * D + 2 * 2 * L * L * D + 2 * L * D * D  # self-attention: fused qkv, scores + values, out
+        + 2 * L * D * D + 2 * 2 * L * S * D + 2 * L * D * D  # cross-attention: q, scores + values, out (k/v cached)
+        + 2 * 2 * L * D * hidden  # MLP
+    )
+    text = 2 * S * Dt * D + cfg.depth * 2 * S * D * 2 * D  # projection + every layer's cross k/v, once per call
+    steps = sum(cfg.depth * layer + 2 * M * D * K for M in steps_positions(cfg, num_steps))
+    return (2 if guidance else 1) * (text + steps)
+
+
+def diffusers_flops(cfg: BenchConfig, guidance: bool, num_steps: int) -> float:
+    """UVit2DModel with num_res_blocks=0: every step re-projects the text and its cross k/v; head at all L tokens."""
+    L, D, S, K, Dt, I = cfg.num_tokens, cfg.width, cfg.text_length, cfg.codebook_size, cfg.text_dim, cfg.geglu_hidden
+    layer = (
+        3 * 2 * 2 * D * 2 * D  # three AdaLayerNormContinuous: scale/shift from the pooled embedding (one row)
+        + 4 * 2 * L * D * D + 2 * 2 * L * L * D  # self-attention q, k, v, out + scores, values
+        + 2 * 2 * L * D * D + 2 * 2 * S * D * D + 2 * 2 * L * S * D  # cross q, out; k, v of the text; scores, values
+        + 2 * L * D * 2 * I + 2 * L * I * D  # GEGLU feed-forward
+    )
+    per_step = (
+        2 * S * Dt * D  # encoder_proj
+        + 2 * (1280 + cfg.text_dim) * D + 2 * D * D  # cond_embed (pooled text + micro-conditioning)
+        + 3 * 2 * L * D * D  # 1x1 conv embed, project_to_hidden, project_from_hidden
+        + cfg.depth * layer
+        + 2 * L * D * D + 2 * L * D * K  # ConvMlmLayer: 1x1 conv, then the head at every position
+    )
+    return (2 if guidance else 1) * num_steps * per_step
+
+
+def maskgit_flops(cfg: BenchConfig, guidance: bool, num_steps: int) -> float:
+    """MaskGitTransformer: a learned null key/value in each attention; text projection and cross k/v every step;
+    head at all L tokens; guidance = a second, separate forward."""
+    L, D, S, K, Dt, I = cfg.num_tokens, cfg.width, cfg.text_length, cfg.codebook_size, cfg.text_dim, cfg.geglu_hidden
+    layer = (
+        2 * L * D * D + 2 * L * D * 2 * D + 2 * L * D * D + 2 * 2 * L * (L + 1) * D  # self: q, kv, out, attention
+        + 2 * L * D * D + 2 * S * D * 2 * D + 2 * L * D * D + 2 * 2 * L * (S + 1) * D  # cross: q, kv, out, attention
+        + 2 * L * D * 2 * I + 2 * L * I * D  # GEGLU feed-forward
+    )
+    per_step = 2 * S * Dt * D + cfg.depth * layer + 2 * L * D * K
+    return (2 if guidance else 1) * num_steps * per_step
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Runners: build once, then `run(batch, guidance, num_steps)` generates `batch` token grids from random text states.
+
+
+def _fallback_guided_logits_fn(
+    model: MaskedTransformer, context: TextContext, grid: tuple[int, int], guidance_scale: float
+) -> Callable:
+    """What muse.pipeline.guided_logits_fn does, for when that module cannot be imported: [cond; uncond] rows in ONE
+    batched forward over a context computed once per call, logits only at the masked positions."""
+    if guidance_scale <= 1.0:
+        return lambda tokens, positions, step: model(tokens, context, positions, grid)
+
+    def logits_fn(tokens: Tensor, positions: Tensor, step: DecodeStep) -> Tensor:
+        both = model(torch.cat([tokens, tokens]), context, torch.cat([positions, positions]), grid)  # (2B, M, K)
+        cond, uncond = both.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+    return logits_fn
+
+
+def _our_sampling_setup() -> tuple[Callable, str, str, float]:
+    """(logits_fn builder, its name, mask schedule, choice temperature): the pipeline's own when it imports."""
+    try:
+        from muse.pipeline import PipelineConfig, guided_logits_fn
+    except ImportError as error:  # the pipeline is optional for this benchmark; the JSON records which one ran
+        print(f"warning: muse.pipeline not importable ({error}); using the bench's equivalent logits_fn",
+              file=sys.stderr)
+        return _fallback_guided_logits_fn, "bench fallback (muse.pipeline not importable)", "cosine", 4.5
+    defaults = PipelineConfig()
+    return guided_logits_fn, "muse.pipeline.guided_logits_fn", defaults.mask_schedule, defaults.choice_temperature
+
+
+class OursRunner:
+    """MaskedTransformer + sampling.decode driven by the pipeline's guided logits_fn, with the pipeline's defaults."""
+
+    name = OURS
+
+    def __init__(self, cfg: BenchConfig, max_batch: int) -> None:
+        self.cfg = cfg
+        self.model = MaskedTransformer(
+            TransformerConfig(
+                codebook_size=cfg.codebook_size, grid_size=cfg.grid_size, width=cfg.width, depth=cfg.depth,
+                num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim,
+            )
+        ).eval()
+        self.build_logits_fn, self.logits_fn_source, self.schedule, self.choice_temperature = _our_sampling_setup()
+        S = cfg.text_length
+        self.states = torch.randn(max_batch, S, cfg.text_dim)  # (B, S, Dt) stands in for the text encoder output
+        self.mask = torch.ones(max_batch, S, dtype=torch.bool)  # a prompt filling all 77 tokens: the costliest
+        # The empty prompt as a padded text encoder returns it: one real token (end-of-sequence), the rest padding.
+        self.null_states = torch.randn(1, S, cfg.text_dim)
+        self.null_mask = torch.zeros(1, S, dtype=torch.bool)
+        self.null_mask[:, 0] = True
+
+    @torch.inference_mode()  # as MusePipeline.__call__
+    def run(self, batch: int, guidance: bool, num_steps: int) -> Tensor:
+        states, mask = self.states[:batch], self.mask[:batch]
+        if guidance:
+            states = torch.cat([states, self.null_states.expand(batch, -1, -1)])  # (2B, S, Dt): cond rows first
+            mask = torch.cat([mask, self.null_mask.expand(batch, -1)])
+        context = self.model.text_context(states, mask)
+        grid = (self.cfg.grid_size, self.cfg.grid_size)
+        logits_fn = self.build_logits_fn(self.model, context, grid, self.cfg.guidance_scale if guidance else 1.0)
+        mask_id = self.model.config.mask_token_id
+        tokens = torch.full((batch, self.cfg.num_tokens), mask_id, dtype=torch.long)
+        out = decode(tokens, logits_fn, mask_token_id=mask_id, seeds=torch.arange(batch), num_steps=num_steps,
+                     schedule=self.schedule, choice_temperature=self.choice_temperature)
+        return out.tokens
+
+    def flops_per_image(self, guidance: bool, num_steps: int) -> float:
+        return ours_flops(self.cfg, guidance, num_steps)
+
+
+class DiffusersRunner:
+    """diffusers' AmusedPipeline.__call__ (its own denoising loop over AmusedScheduler driving UVit2DModel), fed
+    precomputed embeddings through prompt_embeds / encoder_hidden_states (+ the negative pair), output_type="latent"."""
+
+    name = DIFFUSERS
+
+    def __init__(self, cfg: BenchConfig, max_batch: int) -> None:
+        from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel
+
+        self.cfg = cfg
+        transformer = UVit2DModel(
+            hidden_size=cfg.width,
+            use_bias=False,
+            cond_embed_dim=cfg.text_dim,
+            encoder_hidden_size=cfg.text_dim,
+            vocab_size=cfg.codebook_size + 1,  # + the mask token, as for ours (aMUSEd rounds up to 8256)
+            codebook_size=cfg.codebook_size,
+            in_channels=cfg.width,
+            block_out_channels=cfg.width,
+            num_res_blocks=0,  # no ConvNeXt/attention blocks around the trunk: depth matched to our 8 layers
+            block_num_heads=cfg.num_heads,
+            num_hidden_layers=cfg.depth,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.geglu_hidden,
+            sample_size=cfg.grid_size,
+        ).eval()
+        scheduler = AmusedScheduler(mask_token_id=cfg.codebook_size)
+        # Text is given as embeddings and the output as latents, so no tokenizer, text encoder or VQ is needed.
+        self.pipe = AmusedPipeline(vqvae=None, tokenizer=None, text_encoder=None, transformer=transformer,
+                                   scheduler=scheduler)
+        self.pipe.set_progress_bar_config(disable=True)
+        S = cfg.text_length
+        self.pooled = torch.randn(max_batch, cfg.text_dim)  # prompt_embeds: CLIP's pooled, projected vector
+        self.states = torch.randn(max_batch, S, cfg.text_dim)  # encoder_hidden_states
+        self.null_pooled = torch.randn(1, cfg.text_dim)
+        self.null_states = torch.randn(1, S, cfg.text_dim)
+
+    def run(self, batch: int, guidance: bool, num_steps: int) -> Tensor:
+        # Without a VQ the pipeline assumes a stride of 8; asking for 8 * grid pixels gives our 16 x 16 token grid.
+        pixels = self.cfg.grid_size * self.pipe.vae_scale_factor
+        negative = {}
+        if guidance:
+            negative = {"negative_prompt_embeds": self.null_pooled.expand(batch, -1),
+                        "negative_encoder_hidden_states": self.null_states.expand(batch, -1, -1)}
+        out = self.pipe(
+            prompt_embeds=self.pooled[:batch], encoder_hidden_states=self.states[:batch], **negative,
+            guidance_scale=self.cfg.guidance_scale if guidance else 1.0, num_inference_steps=num_steps,
+            height=pixels, width=pixels, output_type="latent", generator=torch.Generator().manual_seed(0),
+        )
+        return out.images
+
+    def flops_per_image(self, guidance: bool, num_steps: int) -> float:
+        return diffusers_flops(self.cfg, guidance, num_steps)
+
+
+class _TokensOnlyVAE(torch.nn.Module):
+    """Stands in for MaskGit's VQGanVAE so that generate() returns token ids: VQ decoding is outside the timing.
+
+    generate() reads the grid size from the VAE even when fmap_size is passed, and decodes with it at the end.
+    """
+
+    def __init__(self, grid_size: int) -> None:
+        super().__init__()
+        self.grid_size = grid_size
+
+    def get_encoded_fmap_size(self, image_size: int) -> int:
+        return self.grid_size
+
+    def decode_from_ids(self, ids: Tensor) -> Tensor:
+        return ids
+
+
+class MaskGitRunner:
+    """muse-maskgit-pytorch's MaskGit.generate (its own loop) with its T5 bypassed: the T5 config cache is pre-seeded
+    so no config is fetched, and the transformer's encode_text returns precomputed random states."""
+
+    name = MASKGIT
+
+    def __init__(self, cfg: BenchConfig, max_batch: int) -> None:
+        from transformers import T5Config
+        import muse_maskgit_pytorch.muse_maskgit_pytorch as maskgit_module
+        import muse_maskgit_pytorch.t5 as maskgit_t5
+        from muse_maskgit_pytorch import MaskGit, MaskGitTransformer, VQGanVAE
+
+        # Its loop is wrapped in tqdm; TQDM_DISABLE only works if tqdm was not imported before this script ran.
+        maskgit_module.tqdm = lambda iterable, **options: iterable
+
+        self.cfg = cfg
+        # get_encoded_dim() would call T5Config.from_pretrained (a download) unless the name is already cached.
+        t5_name = "bench-random-t5"
+        maskgit_t5.T5_CONFIGS[t5_name] = {"config": T5Config(d_model=cfg.text_dim)}
+        transformer = MaskGitTransformer(
+            num_tokens=cfg.codebook_size, seq_len=cfg.num_tokens, dim=cfg.width, depth=cfg.depth,
+            heads=cfg.num_heads, dim_head=cfg.width // cfg.num_heads, ff_mult=cfg.mlp_ratio, t5_name=t5_name,
+        )
+        states = torch.randn(max_batch, cfg.text_length, cfg.text_dim)  # no exact zeros: every token is "real"
+        # generate(texts) calls transformer.encode_text(texts); it is an instance attribute, so it can be replaced.
+        transformer.encode_text = lambda texts: states[: len(texts)]
+        # MaskGit's constructor checks codebook sizes against a VQGanVAE; a tiny one (no VGG, no discriminator) passes
+        # the check and is then swapped for the tokens-only stand-in.
+        vae = VQGanVAE(dim=16, codebook_size=cfg.codebook_size, use_vgg_and_gan=False)
+        self.maskgit = MaskGit(image_size=cfg.grid_size * 16, transformer=transformer, vae=vae)
+        self.maskgit.vae = self.maskgit.cond_vae = _TokensOnlyVAE(cfg.grid_size)
+        self.maskgit.eval()
+
+    def run(self, batch: int, guidance: bool, num_steps: int) -> Tensor:
+        torch.manual_seed(0)
+        return self.maskgit.generate(
+            texts=[""] * batch, fmap_size=self.cfg.grid_size, timesteps=num_steps,
+            cond_scale=self.cfg.guidance_scale if guidance else 1,  # 1 -> one forward per step, no null pass
+        )
+
+    def flops_per_image(self, guidance: bool, num_steps: int) -> float:
+        return maskgit_flops(self.cfg, guidance, num_steps)
+
+
+RUNNERS = {OURS: OursRunner, DIFFUSERS: DiffusersRunner, MASKGIT: MaskGitRunner}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_run(runner, case: Case, num_steps: int) -> float:
+    """Wall seconds of one run of `case`; its output is checked so that a loop that skipped work cannot win."""
+    start = time.perf_counter()
+    tokens = runner.run(case.batch, case.guidance, num_steps)
+    seconds = time.perf_counter() - start
+    grid = tokens.reshape(case.batch, -1)
+    if not bool(((grid >= 0) & (grid < runner.cfg.codebook_size)).all()):
+        raise RuntimeError(f"{case.library} left mask tokens or out-of-codebook ids in its output")
+    return seconds
+
+
+def time_cases(runners: dict, guidance: bool, batch: int, num_steps: int, reps: int, warmup_steps: int) -> dict:
+    """{library: [seconds of each rep]} for one (guidance, batch).
+
+    Every library first gets a short warm-up run (thread pool, allocator, kernel selection). The timed reps are
+    interleaved, library by library, with the order rotated each rep, so that a change in machine load or clock
+    speed during the benchmark is shared between the libraries instead of landing on whichever ran last.
+    """
+    for library, runner in runners.items():
+        runner.run(batch, guidance, min(warmup_steps, num_steps))
+    seconds = {library: [] for library in runners}
+    order = list(runners)
+    for rep in range(reps):
+        for library in order[rep % len(order):] + order[: rep % len(order)]:
+            seconds[library].append(time_run(runners[library], Case(library, guidance, batch), num_steps))
+    return seconds
+
+
+def summarise(runner, case: Case, seconds: list[float], num_steps: int, peak_gflops: float) -> CaseResult:
+    per_run = statistics.median(seconds)
+    images_per_s = case.batch / per_run
+    gflop = runner.flops_per_image(case.guidance, num_steps) / 1e9
+    return CaseResult(
+        library=case.library, guidance=case.guidance, batch=case.batch, num_steps=num_steps, seconds=seconds,
+        seconds_per_run=per_run, images_per_s=images_per_s, seconds_per_image=per_run / case.batch,
+        gflop_per_image=gflop, achieved_gflops=gflop * images_per_s,
+        fraction_of_peak=gflop * images_per_s / peak_gflops, ratio_vs={},
+    )
+
+
+def add_ratios(results: list[CaseResult]) -> None:
+    by_key = {(r.library, r.guidance, r.batch): r for r in results}
+    for r in results:
+        if r.library != OURS:
+            continue
+        for other in (DIFFUSERS, MASKGIT):
+            theirs = by_key.get((other, r.guidance, r.batch))
+            if theirs is not None:
+                r.ratio_vs[other] = r.images_per_s / theirs.images_per_s
+
+
+def target_report(results: list[CaseResult], batch: int) -> dict:
+    ours = next((r for r in results if r.library == OURS and r.guidance and r.batch == batch), None)
+    report = {}
+    for other, target in TARGETS.items():
+        ratio = ours.ratio_vs.get(other) if ours is not None else None
+        report[other] = {"guidance": True, "batch": batch, "target": target, "ratio": ratio,
+                         "met": None if ratio is None else ratio >= target}
+    return report
+
+
+def library_versions() -> dict:
+    versions = {}
+    for dist in ("musegen", "torch", "diffusers", "muse-maskgit-pytorch"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Profiling
+
+
+def profile_ours(runner: OursRunner, batch: int, guidance: bool, num_steps: int, rows: int) -> str:
+    """torch.profiler table of one run, plus the split between the model (inside logits_fn) and everything else."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    runner.run(batch, guidance, min(2, num_steps))
+    original = runner.build_logits_fn
+
+    def labelled(*args):
+        inner = original(*args)
+
+        def logits_fn(tokens, positions, step):
+            with record_function("bench::logits_fn"):
+                return inner(tokens, positions, step)
+        return logits_fn
+
+    runner.build_logits_fn = labelled
+    try:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            with record_function("bench::run"):
+                start = time.perf_counter()
+                runner.run(batch, guidance, num_steps)
+                wall = time.perf_counter() - start
+    finally:
+        runner.build_logits_fn = original
+    events = {e.key: e for e in prof.key_averages()}
+    total = events["bench::run"].cpu_time_total
+    model = events["bench::logits_fn"].cpu_time_total
+    lines = [
+        f"profile: musegen batch={batch} guidance={guidance} steps={num_steps}, wall {wall:.2f} s (profiled)",
+        f"  logits_fn (model + guidance mix): {model / total:6.1%}   everything else (decode, text context): "
+        f"{1 - model / total:6.1%}",
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows),
+        prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows),
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 4 steps, batches 1 and 2, 1 rep, a smaller peak measurement")
+    parser.add_argument("--skip-competitors", action="store_true", help="time musegen only")
+    parser.add_argument("--libraries", nargs="+", choices=list(RUNNERS), help="time only these libraries")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8; quick 1 2)")
+    parser.add_argument("--steps", type=int, help="decoding steps (default 24; quick 6)")
+    parser.add_argument("--reps", type=int, help="timed runs per case, the median is reported (default 3; quick 1)")
+    parser.add_argument("--guidance", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--out", type=Path, help="also write the JSON here (full runs default to bench/results/)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a torch.profiler table of our loop (largest batch, guidance on) to stderr")
+    parser.add_argument("--profile-rows", type=int, default=25)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = BenchConfig()
+    num_steps = args.steps or (4 if args.quick else cfg.num_steps)
+    batches = tuple(args.batches or ((1, 2) if args.quick else (1, 8)))
+    reps = args.reps or (1 if args.quick else 3)
+    guidance = {"on": (True,), "off": (False,), "both": (True, False)}[args.guidance]
+    libraries = args.libraries or ([OURS] if args.skip_competitors else list(RUNNERS))
+    custom = bool(args.quick or args.steps or args.batches or args.reps or args.libraries or args.skip_competitors
+                  or args.threads != 2 or args.guidance != "both")
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    machine = machine_info(args.threads)
+    log(f"machine: {machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, torch {machine['torch_version']}, "
+        f"{machine['threads']} threads, load {machine['load_average']}")
+    peak_sizes, peak_reps = ((1024, 2048), 3) if args.quick else ((1024, 2048, 4096), 5)
+    peak_start = measure_matmul_peak(peak_sizes, peak_reps)
+    log(f"fp32 matmul peak (start): {peak_start['gflops']:.1f} GFLOP/s  {peak_start['gflops_by_size']}")
+
+    runners = {}
+    for library in libraries:
+        start = time.perf_counter()
+        try:
+            runners[library] = RUNNERS[library](cfg, max(batches))
+        except ModuleNotFoundError as error:
+            if library == OURS:
+                raise
+            sys.exit(f"{library} is not installed ({error}); install the competitors with "
+                     f"`.venv/bin/pip install -r bench/requirements.txt`, or pass --skip-competitors")
+        log(f"{library}: built in {time.perf_counter() - start:.1f} s")
+    timings = {}
+    for batch in batches:
+        for guided in guidance:
+            timings[guided, batch] = time_cases(runners, guided, batch, num_steps, reps, 1 if args.quick else 2)
+            for library, seconds in timings[guided, batch].items():
+                log(f"  guidance={'on ' if guided else 'off'} batch={batch} {library:>20}: "
+                    f"{batch / statistics.median(seconds):.3f} images/s")
+
+    # Measured again at the end, and the better of the two used: the peak is what the machine can do at best.
+    peak_end = measure_matmul_peak(peak_sizes, peak_reps)
+    log(f"fp32 matmul peak (end): {peak_end['gflops']:.1f} GFLOP/s  {peak_end['gflops_by_size']}")
+    peak = {"gflops": max(peak_start["gflops"], peak_end["gflops"]), "start": peak_start, "end": peak_end}
+    results: list[CaseResult] = []
+    for (guided, batch), by_library in timings.items():
+        for library, seconds in by_library.items():
+            results.append(summarise(runners[library], Case(library, guided, batch), seconds, num_steps,
+                                     peak["gflops"]))
+    add_ratios(results)
+    for r in results:
+        ratios = "".join(f", {k} {v:.2f}x" for k, v in r.ratio_vs.items())
+        log(f"guidance={'on ' if r.guidance else 'off'} batch={r.batch} {r.library:>20}: "
+            f"{r.images_per_s:.3f} images/s, {r.seconds_per_image:.2f} s/image, {r.achieved_gflops:.1f} GFLOP/s "
+            f"= {r.fraction_of_peak:.1%} of peak{ratios}")
+    logits_fn_source = runners[OURS].logits_fn_source if OURS in runners else None
+    profile_text = None
+    if args.profile and OURS in runners:
+        profile_text = profile_ours(runners[OURS], max(batches), True, num_steps, args.profile_rows)
+
+    report = {
+        "benchmark": "bench/sample.py",
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "note": "non-default settings (quick/smoke or overridden): not comparable with full runs" if custom else None,
+        "machine": machine | {"load_average_end": list(os.getloadavg())},
+        "versions": library_versions(),
+        "config": asdict(replace(cfg, num_steps=num_steps)) | {
+            "num_tokens": cfg.num_tokens, "geglu_hidden": cfg.geglu_hidden, "batches": list(batches), "reps": reps,
+            "dtype": "float32", "device": "cpu",
+        },
+        "timed_region": "precomputed random text-encoder states -> token ids; text encoder excluded, each model's "
+                        "text projection and cross-attention keys/values included, VQ decode excluded",
+        "flops": "analytic matmul FLOPs per image (2 per multiply-add), each library counted for its own loop; "
+                 "ours counts the head only at the masked positions of each step",
+        "peak": peak,
+        "results": [asdict(r) for r in results],
+        "targets": target_report(results, TARGET_BATCH),  # ratio and met are null when batch 8 was not run
+        "our_logits_fn": logits_fn_source,
+    }
+    if profile_text is not None:
+        log(profile_text)
+    out = args.out
+    if out is None and not custom:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = REPO / "bench" / "results" / f"sample-{stamp}.json"
+    text = json.dumps(report, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        log(f"wrote {out}")
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
