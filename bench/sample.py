@@ -27,7 +27,6 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -44,7 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python bench/sample.py` from a checkout without the editable install
     sys.path.insert(0, str(REPO))
 
-from sampling import DecodeStep, decode  # noqa: E402
+from muse.pipeline import PipelineConfig, guided_logits_fn  # noqa: E402
+from sampling import decode  # noqa: E402
 from sampling.schedule import num_masked  # noqa: E402
 from transformer.config import TransformerConfig  # noqa: E402
 from transformer.model import MaskedTransformer, TextContext  # noqa: E402
@@ -218,33 +218,6 @@ def maskgit_flops(cfg: BenchConfig, guidance: bool, num_steps: int) -> float:
 # Runners: build once, then `run(batch, guidance, num_steps)` generates `batch` token grids from random text states.
 
 
-def _fallback_guided_logits_fn(
-    model: MaskedTransformer, context: TextContext, grid: tuple[int, int], guidance_scale: float
-) -> Callable:
-    """What muse.pipeline.guided_logits_fn does, for when that module cannot be imported: [cond; uncond] rows in ONE
-    batched forward over a context computed once per call, logits only at the masked positions."""
-    if guidance_scale <= 1.0:
-        return lambda tokens, positions, step: model(tokens, context, positions, grid)
-
-    def logits_fn(tokens: Tensor, positions: Tensor, step: DecodeStep) -> Tensor:
-        both = model(torch.cat([tokens, tokens]), context, torch.cat([positions, positions]), grid)  # (2B, M, K)
-        cond, uncond = both.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-    return logits_fn
-
-
-def _our_sampling_setup() -> tuple[Callable, str, str, float]:
-    """(logits_fn builder, its name, mask schedule, choice temperature): the pipeline's own when it imports."""
-    try:
-        from muse.pipeline import PipelineConfig, guided_logits_fn
-    except ImportError as error:  # the pipeline is optional for this benchmark; the JSON records which one ran
-        print(f"warning: muse.pipeline not importable ({error}); using the bench's equivalent logits_fn",
-              file=sys.stderr)
-        return _fallback_guided_logits_fn, "bench fallback (muse.pipeline not importable)", "cosine", 4.5
-    defaults = PipelineConfig()
-    return guided_logits_fn, "muse.pipeline.guided_logits_fn", defaults.mask_schedule, defaults.choice_temperature
-
-
 class OursRunner:
     """MaskedTransformer + sampling.decode driven by the pipeline's guided logits_fn, with the pipeline's defaults."""
 
@@ -258,7 +231,9 @@ class OursRunner:
                 num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim,
             )
         ).eval()
-        self.build_logits_fn, self.logits_fn_source, self.schedule, self.choice_temperature = _our_sampling_setup()
+        defaults = PipelineConfig()  # sample as the pipeline does: its logits_fn, schedule and choice temperature
+        self.build_logits_fn = guided_logits_fn  # an attribute so --profile can wrap it
+        self.schedule, self.choice_temperature = defaults.mask_schedule, defaults.choice_temperature
         S = cfg.text_length
         self.states = torch.randn(max_batch, S, cfg.text_dim)  # (B, S, Dt) stands in for the text encoder output
         self.mask = torch.ones(max_batch, S, dtype=torch.bool)  # a prompt filling all 77 tokens: the costliest
@@ -599,7 +574,6 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"guidance={'on ' if r.guidance else 'off'} batch={r.batch} {r.library:>20}: "
             f"{r.images_per_s:.3f} images/s, {r.seconds_per_image:.2f} s/image, {r.achieved_gflops:.1f} GFLOP/s "
             f"= {r.fraction_of_peak:.1%} of peak{ratios}")
-    logits_fn_source = runners[OURS].logits_fn_source if OURS in runners else None
     profile_text = None
     if args.profile and OURS in runners:
         profile_text = profile_ours(runners[OURS], max(batches), True, num_steps, args.profile_rows)
@@ -623,7 +597,6 @@ def main(argv: list[str] | None = None) -> dict:
         "peak": peak,
         "results": [asdict(r) for r in results],
         "targets": target_report(results, TARGET_BATCH),  # ratio and met are null when batch 8 was not run
-        "our_logits_fn": logits_fn_source,
     }
     if profile_text is not None:
         log(profile_text)
