@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,11 +42,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python bench/sample.py` from a checkout without the editable install
     sys.path.insert(0, str(REPO))
 
+from machine import machine_info, measure_matmul_peak  # noqa: E402  (bench/machine.py)
 from muse.pipeline import PipelineConfig, guided_logits_fn  # noqa: E402
 from sampling import decode  # noqa: E402
 from sampling.schedule import num_masked  # noqa: E402
 from transformer.config import TransformerConfig  # noqa: E402
-from transformer.model import MaskedTransformer, TextContext  # noqa: E402
+from transformer.model import MaskedTransformer  # noqa: E402
 
 SCHEMA_VERSION = 1
 OURS, DIFFUSERS, MASKGIT = "musegen", "diffusers", "muse-maskgit-pytorch"
@@ -104,57 +104,6 @@ class CaseResult:
     achieved_gflops: float
     fraction_of_peak: float
     ratio_vs: dict[str, float]      # ours: ours / theirs images/s for the same (guidance, batch); others: empty
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Machine and peak
-
-
-def machine_info(threads: int) -> dict:
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())  # the first processor's entry
-    except OSError:
-        pass
-    return {
-        "cpu_model": fields.get("model name", "unknown"),
-        "cpu_mhz": float(fields["cpu MHz"]) if "cpu MHz" in fields else None,
-        "physical_cores_per_socket": int(fields["cpu cores"]) if "cpu cores" in fields else None,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch_version": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "threads": torch.get_num_threads(),
-        "threads_requested": threads,
-        "interop_threads": torch.get_num_interop_threads(),
-        "load_average": list(os.getloadavg()),
-    }
-
-
-def measure_matmul_peak(sizes: tuple[int, ...], reps: int) -> dict:
-    """Best fp32 GFLOP/s of an n x n @ n x n matmul (2 n^3 FLOPs) with the current thread count.
-
-    The best over reps and sizes is the "peak": it is what this BLAS reaches on this machine right now, so a loaded
-    machine lowers both the peak and the model's throughput instead of only the latter.
-    """
-    per_size = {}
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        out = torch.empty(n, n)
-        torch.mm(a, b, out=out)  # warm-up: thread pool spin-up, page faults on `out`
-        best = float("inf")
-        for _ in range(reps):
-            start = time.perf_counter()
-            torch.mm(a, b, out=out)
-            best = min(best, time.perf_counter() - start)
-        per_size[str(n)] = 2 * n**3 / best / 1e9
-    return {"method": "best of torch.mm fp32 n x n, 2 n^3 FLOPs", "reps": reps, "gflops_by_size": per_size,
-            "gflops": max(per_size.values()), "load_average": list(os.getloadavg())}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
