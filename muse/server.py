@@ -9,7 +9,8 @@ Endpoints (JSON in, JSON out; images travel as base64-encoded PNG):
     POST /edit      {"prompt": ..., "image": <png>, "strength": 0.5, ...}
 
 Every response to a POST is {"images": [<png>, ...], "seeds": [...]}. The option names are the Python API's
-(`num_steps`, `guidance_scale`, `negative_prompt`, `seed`, `temperature`, ...); an unknown option, a bad image or a
+(`num_images`, `num_steps`, `guidance_scale`, `guidance_schedule`, `negative_prompt`, `seed`, `temperature`,
+`top_k`, `top_p`, `stages`, `superres_steps`; `/edit` also `strength`, `iterations`, `mode`); an unknown option, a bad image or a
 value the pipeline rejects gets a 400 with {"error": "..."} naming the problem.
 
 Requests are served by threads but run through the model one at a time: a CPU already spends both cores on one
@@ -34,13 +35,14 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
-SAMPLING_OPTIONS = {"num_steps", "guidance_scale", "negative_prompt", "seed", "temperature"}
+SAMPLING_OPTIONS = {"num_images", "num_steps", "guidance_scale", "guidance_schedule", "negative_prompt", "seed",
+                    "temperature", "top_k", "top_p", "stages", "superres_steps"}
 # endpoint -> (pipeline method, options it takes besides `prompt`, options that are images)
 ENDPOINTS: dict[str, tuple[str, set[str], set[str]]] = {
-    "/generate": ("__call__", SAMPLING_OPTIONS | {"num_images"}, set()),
+    "/generate": ("__call__", SAMPLING_OPTIONS, set()),
     "/inpaint": ("inpaint", SAMPLING_OPTIONS | {"image", "mask"}, {"image", "mask"}),
     "/outpaint": ("outpaint", SAMPLING_OPTIONS | {"image", "pad"}, {"image"}),
-    "/edit": ("edit", SAMPLING_OPTIONS | {"image", "strength", "iterations"}, {"image"}),
+    "/edit": ("edit", SAMPLING_OPTIONS | {"image", "strength", "iterations", "mode"}, {"image"}),
 }
 
 

@@ -59,3 +59,23 @@ def test_pipeline_errors_become_400s(served):
     assert status == 400 and "multiples of 4 pixels" in out["error"]
     status, out = post(served, "/generate", {"prompt": "x", "num_images": 0})
     assert status == 400 and "num_images must be >= 1" in out["error"]
+
+
+def test_every_server_option_is_a_keyword_of_its_pipeline_method():
+    import inspect
+
+    from muse.pipeline import MusePipeline
+    from muse.server import ENDPOINTS
+
+    for endpoint, (method, allowed, _) in ENDPOINTS.items():
+        keywords = set(inspect.signature(getattr(MusePipeline, method)).parameters) - {"self"}
+        assert allowed <= keywords, f"{endpoint}: {sorted(allowed - keywords)} are not {method} keywords"
+
+
+def test_sampling_options_reach_the_pipeline(served, tiny_pipe):
+    body = {"prompt": "a red apple", "seed": 1, "num_steps": 3, "top_k": 5, "guidance_schedule": "linear",
+            "guidance_scale": 2.0}
+    status, out = post(served, "/generate", body)
+    assert status == 200
+    expected = tiny_pipe("a red apple", seed=1, num_steps=3, top_k=5, guidance_schedule="linear", guidance_scale=2.0)
+    assert np.array_equal(decode_png(out["images"][0]), np.asarray(expected.images[0]))
