@@ -216,3 +216,30 @@ def test_superres_resume_from_shards_is_exact(tmp_path, monkeypatch, t5):
     assert_same(straight["components"], resumed["components"])
     assert (tmp_path / "straight" / "samples" / "step-0000004.png").is_file()
     assert (tmp_path / "straight" / "superres" / "model.safetensors").is_file()
+
+
+def test_assemble_turns_the_runs_into_a_two_stage_pipeline(tmp_path, t5):
+    from muse.assemble import assemble
+    from muse.config import ConfigError
+    from muse.pipeline import MusePipeline
+
+    vqgan = tiny_vqgan(tmp_path / "vqgan")
+    text = [f"text.name_or_path={t5.name_or_path}", "text.kind=t5", "train.steps=2", "train.batch_size=3"]
+    base_shards = write_shards(tmp_path / "base-tokens", TextEncoder(t5), t5, n_train=5, n_val=2)
+    transformer_trainer.train(load_config(CONFIGS / "transformer" / "tiny.yaml", [
+        *text, f"model.text_dim={TEXT_DIM}", f"vqgan={vqgan}", "data.format=tokens", f"data.path={base_shards}",
+        f"train.out_dir={tmp_path / 'base'}"]))
+    sr_shards = write_shards(tmp_path / "sr-tokens", TextEncoder(t5), t5, n_train=5, n_val=2, low_grid=GRID)
+    superres_trainer.train(load_config(CONFIGS / "superres" / "tiny.yaml", [
+        *text, f"model.high.text_dim={TEXT_DIM}", f"vqgan_low={vqgan}", f"vqgan_high={vqgan}", "data.format=tokens",
+        f"data.path={sr_shards}", f"train.out_dir={tmp_path / 'sr'}"]))
+
+    assemble(tmp_path / "base", tmp_path / "sr").save_pretrained(tmp_path / "pipe")
+    pipe = MusePipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.superres is not None and pipe.superres_vqgan is None  # one fully convolutional VQGAN serves both
+    out = pipe("a prompt", num_steps=2, superres_steps=2, seed=0)
+    assert out.images[0].size == (pipe.resolution(), pipe.resolution()) == (2 * 16, 2 * 16)
+    with pytest.raises(ConfigError, match="is a transformer run, expected a superres run"):
+        assemble(tmp_path / "base", tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match="not a training run directory"):
+        assemble(tmp_path / "nowhere")

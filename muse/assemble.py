@@ -1,0 +1,95 @@
+"""`muse assemble`: turn training runs into one pipeline directory that `MusePipeline.from_pretrained` loads.
+
+    muse assemble --transformer-run runs/transformer-emoji-base --superres-run runs/superres-emoji-sr --out my-model
+
+Each run directory holds the resolved `config.yaml` it was trained with and its exported model (`transformer/`,
+`superres/`); the config names the VQGAN(s) and the text encoder, so nothing else needs to be given. A super-res run
+whose high-res VQGAN is not the base VQGAN adds it as the pipeline's `superres_vqgan`. Sampling defaults can be set
+here too (`--num-steps`, `--guidance-scale`, ...) and are saved in `pipeline.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from muse.config import ConfigError, SuperResRun, TransformerRun, load_config
+from muse.pipeline import MusePipeline, PipelineConfig
+from superres.model import SuperResTransformer
+from transformer.model import MaskedTransformer
+from transformer.text import TextEncoder
+from vqgan.model import VQGAN
+
+
+def _run(path: Path, stage: str) -> TransformerRun | SuperResRun:
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a training run directory: {config_file} not found")
+    cfg = load_config(config_file)
+    if cfg.stage != stage:
+        raise ConfigError(f"{config_file} is a {cfg.stage} run, expected a {stage} run")
+    return cfg
+
+
+def _exported(run: Path, name: str) -> Path:
+    directory = run / name
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} not found: the run has not exported a model yet (it does at every "
+                                f"checkpoint)")
+    return directory
+
+
+def _same_directory(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def assemble(
+    transformer_run: str | os.PathLike,
+    superres_run: str | os.PathLike | None = None,
+    config: PipelineConfig | None = None,
+) -> MusePipeline:
+    """A pipeline from a transformer run and, optionally, the super-res run that follows it."""
+    base_dir = Path(transformer_run)
+    base = _run(base_dir, "transformer")
+    vqgan = VQGAN.from_pretrained(base.vqgan)
+    transformer = MaskedTransformer.from_pretrained(_exported(base_dir, "transformer"))
+    superres = superres_vqgan = None
+    if superres_run is not None:
+        sr_dir = Path(superres_run)
+        sr = _run(sr_dir, "superres")
+        if sr.text != base.text:
+            raise ConfigError(f"the super-res run's text encoder {sr.text} differs from the base run's {base.text}")
+        if not _same_directory(sr.vqgan_low, base.vqgan):
+            raise ConfigError(f"the super-res run was trained on low-res tokens of {sr.vqgan_low}, but the base "
+                              f"run's VQGAN is {base.vqgan}")
+        superres = SuperResTransformer.from_pretrained(_exported(sr_dir, "superres"))
+        if not _same_directory(sr.vqgan_high, base.vqgan):
+            superres_vqgan = VQGAN.from_pretrained(sr.vqgan_high)
+    return MusePipeline(vqgan, TextEncoder(base.text), transformer, superres, superres_vqgan, config)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transformer-run", type=Path, required=True, help="run directory of the base stage")
+    parser.add_argument("--superres-run", type=Path, default=None, help="run directory of the super-res stage")
+    parser.add_argument("--out", type=Path, required=True, help="pipeline directory to write")
+    defaults = PipelineConfig()
+    parser.add_argument("--num-steps", type=int, default=defaults.num_steps)
+    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
+    parser.add_argument("--guidance-schedule", default=defaults.guidance_schedule)
+    parser.add_argument("--superres-steps", type=int, default=defaults.superres_steps)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = replace(PipelineConfig(), num_steps=args.num_steps, guidance_scale=args.guidance_scale,
+                         guidance_schedule=args.guidance_schedule, superres_steps=args.superres_steps)
+        pipe = assemble(args.transformer_run, args.superres_run, config)
+    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+        raise SystemExit(f"muse assemble: {e}") from None
+    pipe.save_pretrained(args.out)
+    stages = "base + super-res" if pipe.superres is not None else "base only"
+    print(f"wrote {args.out} ({stages}, {pipe.resolution()} px): "
+          f"MusePipeline.from_pretrained({str(args.out)!r}) or --model {args.out}")
+    return 0
