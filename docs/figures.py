@@ -1,0 +1,245 @@
+"""Make the figures in the README from trained models, so every picture there comes from a command anyone can rerun.
+
+    python docs/figures.py recon --vqgan runs/vqgan-emoji-f8/vqgan --data data/emoji            # docs/vqgan-recon.png
+    python docs/figures.py generate --model DIR                      # docs/generated.png: 12 prompts x 4 seeds
+    python docs/figures.py superres --model DIR                      # docs/superres.png: bicubic 64 px vs super-res
+    python docs/figures.py edit --model DIR                          # docs/inpaint.png, docs/outpaint.png
+
+`--model` is a pipeline directory (`muse assemble`), or omitted for the bundled default model.
+
+Each command prints the numbers it measured as JSON (and writes them beside the figure), e.g. the held-out PSNR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+DOCS = Path(__file__).resolve().parent
+
+
+def heldout_rows(data: Path, limit: int | None = None, unique: bool = True) -> list[dict]:
+    """Rows of the emoji metadata in the held-out split (exact duplicates of other images left out)."""
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["split"] == "heldout" and not (unique and r.get("duplicate_of"))]
+    return rows[:limit] if limit else rows
+
+
+def load_images(data: Path, rows: list[dict], size: int) -> torch.Tensor:
+    """(N, 3, size, size) in [-1, 1]."""
+    arrays = [np.asarray(Image.open(data / r["files"][str(size)]).convert("RGB")) for r in rows]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, rounded as the pipeline rounds."""
+    return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of uint8 images, averaged over images (each image's own MSE)."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
+    return float(np.mean([10 * math.log10(255.0**2 / max(m, 1e-10)) for m in mse]))
+
+
+def grid(rows: list[list[np.ndarray]], labels: list[str] | None = None, pad: int = 2) -> Image.Image:
+    """Rows of equally sized (H, W, 3) uint8 images -> one picture, with an optional label left of each row."""
+    h, w = rows[0][0].shape[:2]
+    label_w = 0 if not labels else 8 * max(len(s) for s in labels) + 8
+    canvas = Image.new("RGB", (label_w + len(rows[0]) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, row in enumerate(rows):
+        y = pad + i * (h + pad)
+        if labels:
+            draw.text((4, y + h // 2 - 6), labels[i], fill="black")
+        for j, image in enumerate(row):
+            canvas.paste(Image.fromarray(image), (label_w + pad + j * (w + pad), y))
+    return canvas
+
+
+@torch.inference_mode()
+def recon(args: argparse.Namespace) -> dict:
+    sys.path.insert(0, str(DOCS.parent))
+    from vqgan.model import VQGAN
+
+    vqgan = VQGAN.from_pretrained(args.vqgan).eval()
+    size = vqgan.config.resolution
+    rows = heldout_rows(args.data)
+    real, recon_all, used = [], [], torch.zeros(vqgan.config.codebook_size, dtype=torch.bool)
+    for start in range(0, len(rows), 64):
+        x = load_images(args.data, rows[start : start + 64], size)
+        ids = vqgan.encode(x)  # (B, h, w)
+        used[ids.flatten().unique()] = True
+        real.append(to_uint8(x))
+        recon_all.append(to_uint8(vqgan.decode(ids)))
+    real, rec = np.concatenate(real), np.concatenate(recon_all)
+    # The grid: the first `--columns` held-out images of each style, originals above reconstructions.
+    picks = []
+    for style in ("noto", "twemoji", "fluent"):
+        picks += [i for i, r in enumerate(rows) if r["style"] == style][: args.columns]
+    figure_rows = []
+    for s in range(3):
+        chosen = picks[s * args.columns : (s + 1) * args.columns]
+        figure_rows += [[real[i] for i in chosen], [rec[i] for i in chosen]]
+    image = grid(figure_rows)
+    scale = args.scale
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    out = args.out or DOCS / "vqgan-recon.png"
+    image.save(out)
+    result = {
+        "vqgan": str(args.vqgan),
+        "split": "heldout",
+        "images": len(rows),
+        "resolution": size,
+        "tokens_per_image": f"{ids.shape[1]}x{ids.shape[2]}",
+        "psnr_db": psnr(real, rec),
+        "codebook_used_on_heldout": int(used.sum()),
+        "codebook_size": vqgan.config.codebook_size,
+        "figure": str(out),
+    }
+    Path(out).with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# A dozen prompts for the generation figures: six (concept, style) pairs of the training split and six held out
+# (the concept was seen in training only in the other styles). `muse data emoji` fixes the split, so this is stable.
+TRAIN_PROMPTS = ["cat face, twemoji style", "fire, noto style", "pizza, fluent style", "rainbow, twemoji style",
+                 "ghost, noto style", "red heart, fluent style"]
+HELDOUT_PROMPTS = ["red apple, fluent style", "grinning face, noto style", "banana, twemoji style",
+                   "unicorn, noto style", "crown, fluent style", "penguin, fluent style"]
+
+
+def load_pipeline(model: str | None):
+    sys.path.insert(0, str(DOCS.parent))
+    from muse.pipeline import MusePipeline
+
+    return MusePipeline.from_pretrained(model)
+
+
+def label(prompt: str) -> str:
+    split = "held-out" if prompt in HELDOUT_PROMPTS else "train"
+    return f"{prompt} ({split})"
+
+
+def pil_rows(images: list[Image.Image], per_row: int) -> list[list[np.ndarray]]:
+    arrays = [np.asarray(image.convert("RGB")) for image in images]
+    return [arrays[i : i + per_row] for i in range(0, len(arrays), per_row)]
+
+
+def save(image: Image.Image, out: Path, result: dict) -> dict:
+    image.save(out)
+    result["figure"] = str(out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+@torch.inference_mode()
+def generate(args: argparse.Namespace) -> dict:
+    pipe = load_pipeline(args.model)
+    prompts = TRAIN_PROMPTS + HELDOUT_PROMPTS
+    start = time.perf_counter()
+    out = pipe(prompts, num_images=args.seeds, seed=args.seed, stages=args.stages)
+    seconds = time.perf_counter() - start
+    figure = grid(pil_rows(out.images, args.seeds), [label(p) for p in prompts])
+    return save(figure, args.out or DOCS / "generated.png", {
+        "command": f"pipe(prompts, num_images={args.seeds}, seed={args.seed}, stages={args.stages})",
+        "model": args.model or "bundled default", "prompts": prompts, "seeds": out.seeds,
+        "resolution": out.images[0].size[0], "seconds": seconds, "images": len(out.images),
+        "seconds_per_image": seconds / len(out.images), "threads": torch.get_num_threads(),
+    })
+
+
+@torch.inference_mode()
+def superres(args: argparse.Namespace) -> dict:
+    pipe = load_pipeline(args.model)
+    if pipe.superres is None:
+        raise SystemExit("this pipeline has no super-resolution stage")
+    prompts = HELDOUT_PROMPTS
+    out = pipe(prompts, seed=args.seed, stages=2)
+    high = out.images[0].size[0]
+    low = pipe.vqgan.decode(out.low_res_tokens)  # (B, 3, 64, 64): the base stage's own image
+    bicubic = [Image.fromarray(a).resize((high, high), Image.BICUBIC) for a in to_uint8(low)]
+    rows = [[np.asarray(b), np.asarray(s)] for b, s in zip(bicubic, out.images)]
+    # Columns: bicubic | super-res, one pair per prompt, laid out in one row of pairs.
+    figure = grid([[a for pair in rows for a in pair]])
+    return save(figure, args.out or DOCS / "superres.png", {
+        "command": f"pipe(prompts, seed={args.seed}, stages=2)", "model": args.model or "bundled default",
+        "prompts": prompts, "layout": "for each prompt: base 64 px upscaled bicubic, then super-res output",
+        "low_resolution": int(low.shape[-1]), "high_resolution": high,
+    })
+
+
+@torch.inference_mode()
+def edit(args: argparse.Namespace) -> dict:
+    pipe = load_pipeline(args.model)
+    size = pipe.resolution(args.stages)
+    source = Image.open(args.data / args.image.format(size=size)).convert("RGB")
+    if source.size != (size, size):
+        source = source.resize((size, size), Image.BICUBIC)
+    # Inpainting: regenerate the right half under new prompts; the left half must come back bit-identical.
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, size // 2 :] = 255
+    results = {}
+    inpainted = pipe.inpaint(args.inpaint_prompts, image=source, mask=mask, seed=args.seed, stages=args.stages)
+    keep = np.zeros((size, size), bool)
+    keep[:, : size // 2 - 2 * pipe.stride(args.stages)] = True  # outside the dilated mask and the seam
+    identical = [bool((np.asarray(i)[keep] == np.asarray(source)[keep]).all()) for i in inpainted.images]
+    mask_rgb = np.repeat(mask[..., None], 3, axis=2)
+    figure = grid([[np.asarray(source), mask_rgb, *[np.asarray(i) for i in inpainted.images]]])
+    results["inpaint"] = save(figure, DOCS / "inpaint.png", {
+        "command": f"pipe.inpaint(prompts, image, mask=right half, seed={args.seed})", "image": args.image,
+        "prompts": args.inpaint_prompts, "layout": "input | mask (white = regenerate) | one result per prompt",
+        "left_part_bit_identical": identical})
+    # Outpainting: extend the canvas by half its width on both sides.
+    pad = (size // 2, 0, size // 2, 0)
+    outpainted = pipe.outpaint(args.outpaint_prompt, image=source, pad=pad, num_images=2, seed=args.seed,
+                               stages=args.stages)
+    figure = grid([[np.asarray(i) for i in outpainted.images]])
+    results["outpaint"] = save(figure, DOCS / "outpaint.png", {
+        "command": f"pipe.outpaint(prompt, image, pad={pad}, num_images=2, seed={args.seed})", "image": args.image,
+        "prompt": args.outpaint_prompt, "size": list(outpainted.images[0].size)})
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("recon", help="held-out VQGAN reconstructions (originals above) and PSNR")
+    p.add_argument("--vqgan", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=Path("data/emoji"))
+    p.add_argument("--columns", type=int, default=12)
+    p.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the figure, for viewing")
+    p.add_argument("--out", type=Path, default=None)
+    p.set_defaults(run=recon)
+    for name, run, help_ in (("generate", generate, "a grid of generated emoji: 6 training and 6 held-out prompts"),
+                             ("superres", superres, "held-out prompts: base 64 px upscaled bicubic vs super-res"),
+                             ("edit", edit, "inpainting and outpainting examples")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--model", default=None, help="pipeline directory (default: the bundled model)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", type=Path, default=None)
+        if name == "generate":
+            p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+        if name in ("generate", "edit"):
+            p.add_argument("--stages", type=int, default=None, help="1 = base stage only (default: all)")
+        if name == "edit":
+            p.add_argument("--data", type=Path, default=Path("data/emoji"))
+            p.add_argument("--image", default="{size}/noto/red-apple.png", help="an emoji of the dataset")
+            p.add_argument("--inpaint-prompts", nargs="+",
+                           default=["green apple, noto style", "red heart, noto style", "banana, noto style"])
+            p.add_argument("--outpaint-prompt", default="red apple, noto style")
+        p.set_defaults(run=run)
+    args = parser.parse_args(argv)
+    print(json.dumps(args.run(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()
