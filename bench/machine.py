@@ -5,9 +5,12 @@ Imported as `machine` by the scripts in bench/ (run as `python bench/<script>.py
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -58,3 +61,19 @@ def measure_matmul_peak(sizes: tuple[int, ...], reps: int) -> dict:
         per_size[str(n)] = 2 * n**3 / best / 1e9
     return {"method": "best of torch.mm fp32 n x n, 2 n^3 FLOPs", "reps": reps, "gflops_by_size": per_size,
             "gflops": max(per_size.values()), "load_average": list(os.getloadavg())}
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_report(report: dict, name: str, out: Path | None, default_run: bool) -> None:
+    """Print the JSON report to stdout and write it to `out`, or, for a full run with default settings, to
+    bench/results/<name>-<time>.json: smoke and overridden runs never land there by accident."""
+    text = json.dumps(report, indent=2)
+    if out is None and default_run:
+        out = RESULTS / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    print(text)

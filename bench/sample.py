@@ -21,7 +21,6 @@ The JSON result goes to stdout and, for full runs (or with --out), to bench/resu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -42,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python bench/sample.py` from a checkout without the editable install
     sys.path.insert(0, str(REPO))
 
-from machine import machine_info, measure_matmul_peak  # noqa: E402  (bench/machine.py)
+from machine import machine_info, measure_matmul_peak, write_report  # noqa: E402  (bench/machine.py)
 from muse.pipeline import PipelineConfig, guided_logits_fn  # noqa: E402
 from sampling import decode  # noqa: E402
 from sampling.schedule import num_masked  # noqa: E402
@@ -549,16 +548,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if profile_text is not None:
         log(profile_text)
-    out = args.out
-    if out is None and not custom:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = REPO / "bench" / "results" / f"sample-{stamp}.json"
-    text = json.dumps(report, indent=2)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        log(f"wrote {out}")
-    print(text)
+    write_report(report, "sample", args.out, default_run=not custom)
     return report
 
 

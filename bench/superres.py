@@ -22,7 +22,6 @@ Pairs (each a base model and the super-res model that follows it):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python bench/superres.py` without the editable install
     sys.path.insert(0, str(REPO))
 
-from machine import machine_info  # noqa: E402  (bench/machine.py)
+from machine import machine_info, write_report  # noqa: E402  (bench/machine.py)
 from muse.config import load_config  # noqa: E402
 from muse.pipeline import PipelineConfig, guided_logits_fn  # noqa: E402
 from sampling import decode  # noqa: E402
@@ -185,15 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "batched guidance; text encoder and VQ decode excluded; random weights",
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    out = args.out
-    if out is None and vars(args) == vars(parse_args([])):  # only full default runs land in bench/results/
-        out = REPO / "bench" / "results" / f"superres-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        print(f"wrote {out}", file=sys.stderr)
-    print(text)
+    write_report(report, "superres", args.out, default_run=vars(args) == vars(parse_args([])))
     return report
 
 

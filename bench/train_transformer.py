@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python bench/train_transformer.py` without the editable install
     sys.path.insert(0, str(REPO))
 
-from machine import machine_info  # noqa: E402  (bench/machine.py)
+from machine import machine_info, write_report  # noqa: E402  (bench/machine.py)
 from muse.config import SuperResRun, TransformerRun, load_config  # noqa: E402
 from muse.train.common import EMA, build_optimizer, build_scheduler, step_optimizer  # noqa: E402
 from muse.train.masked import masked_loss, text_dropout, training_mask  # noqa: E402
@@ -200,15 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "synthetic batches shaped as pre-encoded shards; data loading not timed",
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    out = args.out
-    if out is None and default_run:  # only full default runs land in bench/results/ by themselves
-        out = REPO / "bench" / "results" / f"train_transformer-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        print(f"wrote {out}", file=sys.stderr)
-    print(text)
+    write_report(report, "train_transformer", args.out, default_run=default_run)
     return report
 
 
