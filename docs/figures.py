@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,7 +94,6 @@ def recon(args: argparse.Namespace) -> dict:
     scale = args.scale
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     out = args.out or DOCS / "vqgan-recon.png"
-    image.save(out)
     result = {
         "vqgan": str(args.vqgan),
         "split": "heldout",
@@ -103,10 +103,8 @@ def recon(args: argparse.Namespace) -> dict:
         "psnr_db": psnr(real, rec),
         "codebook_used_on_heldout": int(used.sum()),
         "codebook_size": vqgan.config.codebook_size,
-        "figure": str(out),
     }
-    Path(out).with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return save(image, out, result)
 
 
 # A dozen prompts for the generation figures: six (concept, style) pairs of the training split and six held out
@@ -135,8 +133,9 @@ def pil_rows(images: list[Image.Image], per_row: int) -> list[list[np.ndarray]]:
 
 
 def save(image: Image.Image, out: Path, result: dict) -> dict:
+    """Write the figure and, beside it, the numbers measured for it (paths relative to the repository)."""
     image.save(out)
-    result["figure"] = str(out)
+    result["figure"] = os.path.relpath(out, DOCS.parent)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
