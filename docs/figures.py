@@ -4,6 +4,7 @@
     python docs/figures.py generate --model DIR                      # docs/generated.png: 12 prompts x 4 seeds
     python docs/figures.py superres --model DIR                      # docs/superres.png: bicubic 64 px vs super-res
     python docs/figures.py edit --model DIR                          # docs/inpaint.png, docs/outpaint.png
+    python docs/figures.py curves --run runs/transformer-emoji-base  # docs/transformer-emoji-base-val.png
 
 `--model` is a pipeline directory (`muse assemble`), or omitted for the bundled default model.
 
@@ -208,6 +209,73 @@ def edit(args: argparse.Namespace) -> dict:
     return results
 
 
+COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str, size=(720, 420)) -> Image.Image:
+    """A plain line chart of named (x, y) series with PIL alone (no plotting dependency for one figure)."""
+    W, H = size
+    left, right, top, bottom = 56, 170, 36, 44
+    xs = [x for points in series.values() for x, _ in points]
+    ys = [y for points in series.values() for _, y in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    y0, y1 = y0 - 0.05 * (y1 - y0 or 1), y1 + 0.05 * (y1 - y0 or 1)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0 or 1) * (W - left - right),
+                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
+
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for i in range(5):  # ticks: 5 on each axis
+        y = y0 + (y1 - y0) * i / 4
+        draw.text((6, at(x0, y)[1] - 6), f"{y:.4g}", fill="black")
+        draw.line([left - 4, at(x0, y)[1], left, at(x0, y)[1]], fill="black")
+        x = x0 + (x1 - x0) * i / 4
+        draw.text((at(x, y0)[0] - 12, H - bottom + 6), f"{x:.0f}", fill="black")
+    draw.text((left, 10), f"{title}; y: {ylabel}", fill="black")
+    draw.text((W - right - 30, H - 18), "step", fill="black")
+    for i, (name, points) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        draw.line([at(x, y) for x, y in points], fill=colour, width=2)
+        draw.line([W - right + 12, top + 16 * i + 6, W - right + 32, top + 16 * i + 6], fill=colour, width=2)
+        draw.text((W - right + 38, top + 16 * i), name, fill="black")
+    return image
+
+
+def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """A run's logs/scalars.csv (train.logger=csv) as {name: [(step, value), ...]}."""
+    import csv
+
+    file = run / "logs" / "scalars.csv"
+    if not file.is_file():
+        raise SystemExit(f"{file} not found: train with --set train.logger=csv to get curves as CSV")
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    with open(file, newline="") as f:
+        for row in csv.DictReader(f):
+            scalars.setdefault(row["name"], []).append((int(row["step"]), float(row["value"])))
+    return scalars
+
+
+def curves(args: argparse.Namespace) -> dict:
+    scalars = read_scalars(args.run)
+    names = sorted(n for n in scalars if n.startswith("val/loss@"))
+    if not names:
+        raise SystemExit(f"{args.run} has no fixed-ratio validation losses yet")
+    series = {name.removeprefix("val/").replace("loss@", "mask ratio "): scalars[name] for name in names}
+    figure = line_plot(series, f"{args.run.name}: held-out loss at fixed mask ratios (fixed masks)",
+                       "cross-entropy")
+    last = {name: scalars[name][-1] for name in names + sorted(n for n in scalars if n.startswith("val/acc@"))}
+    rates = [v for _, v in scalars.get("train/tokens_per_s", [])]
+    return save(figure, args.out or DOCS / f"{args.run.name}-val.png", {
+        "run": os.path.relpath(args.run), "final": {k: {"step": s, "value": v} for k, (s, v) in last.items()},
+        "train_tokens_per_s_median": float(np.median(rates)) if rates else None,
+        "curves": {k: v for k, v in scalars.items() if k.startswith("val/")},
+    })
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--columns", type=int, default=12)
     p.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the figure, for viewing")
     p.add_argument("--out", type=Path, default=None)
-    p.set_defaults(run=recon)
+    p.set_defaults(make=recon)
     for name, run, help_ in (("generate", generate, "a grid of generated emoji: 6 training and 6 held-out prompts"),
                              ("superres", superres, "held-out prompts: base 64 px upscaled bicubic vs super-res"),
                              ("edit", edit, "inpainting and outpainting examples")):
@@ -235,9 +303,13 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--inpaint-prompts", nargs="+",
                            default=["green apple, noto style", "red heart, noto style", "banana, noto style"])
             p.add_argument("--outpaint-prompt", default="red apple, noto style")
-        p.set_defaults(run=run)
+        p.set_defaults(make=run)
+    p = sub.add_parser("curves", help="fixed-ratio validation curves of a masked-token training run")
+    p.add_argument("--run", type=Path, required=True, help="run directory (trained with train.logger=csv)")
+    p.add_argument("--out", type=Path, default=None)
+    p.set_defaults(make=curves)
     args = parser.parse_args(argv)
-    print(json.dumps(args.run(args), indent=2))
+    print(json.dumps(args.make(args), indent=2))
 
 
 if __name__ == "__main__":
