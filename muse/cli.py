@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("muse.train.run", "train a stage from a YAML preset (vqgan, transformer or superres)"),
     "assemble": ("muse.assemble", "write a pipeline directory from a transformer run and an optional super-res run"),
     "eval": ("muse.evaluate", "evaluate a model: reconstruction, prompt fidelity, Frechet distance, inpainting"),
+    "scorer": ("muse.scorer", "train the in-house prompt scorer (best-of-N and muse eval's prompt fidelity)"),
     "serve": ("muse.server", "serve generation and editing over HTTP"),
 }
 DATA_COMMANDS: dict[str, tuple[str, str]] = {
