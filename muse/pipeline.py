@@ -23,6 +23,12 @@ image is the same whatever batch it is generated in.
 With a super-resolution stage (`superres`), the base stage's tokens condition a second masked transformer over a finer
 grid, decoded with `superres_steps` steps, and the result is decoded to pixels by `superres_vqgan` (the base VQGAN
 when None). Images passed to inpaint/outpaint/edit are at the resolution of the last stage that runs.
+
+Best-of-N (`num_candidates`): each image is chosen from N candidates, generated in the same batch, by a scorer of
+(images, prompts). Candidate j of the image with seed s has seed (s * N + j) mod 2**32, so `PipelineOutput.seeds`
+holds the chosen candidate's own seed, and a plain call with it gives the same image. The default scorer is the
+pipeline's `scorer` (a `muse.scorer.PromptScorer` saved as `scorer/` in the pipeline directory, loaded on first
+use), else the model's own mean log-probability of the tokens it decoded.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import math
 import numbers
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -61,7 +68,7 @@ from sampling import (
 from superres.model import SuperResTransformer
 from transformer.config import TextEncoderConfig
 from transformer.model import MaskedTransformer, TextContext
-from transformer.saving import config_from_dict
+from transformer.saving import CONFIG_NAME, WEIGHTS_NAME, config_from_dict
 from transformer.text import MINILM_ALIAS, TextEmbedding, TextEncoder
 from vqgan.model import VQGAN
 
@@ -80,6 +87,9 @@ MaskInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike]
 # (tokens (B, L), context, positions (B, M), grid (h, w)) -> logits (B, M, K): MaskedTransformer and
 # SuperResTransformer both have this forward.
 TokenModel = Callable[[Tensor, TextContext, Tensor, tuple[int, int]], Tensor]
+# Best-of-N: (images, prompts) -> (B,) scores, higher is better. `muse.scorer.PromptScorer` is one.
+Scorer = Callable[[list[Image.Image], list[str]], Tensor]
+SCORER_DIR = "scorer"  # a PromptScorer saved here inside a pipeline directory is the default best-of-N scorer
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,7 @@ class PipelineOutput:
     seeds: list[int]              # the seed of each image; pass them back to reproduce it
     prompts: list[str]            # the prompt of each image
     low_res_tokens: Tensor | None  # (B, h, w) base-stage tokens when the super-resolution stage ran, else None
+    scores: list[float] | None = None  # best-of-N: the chosen candidate's score; None with one candidate
 
 
 @dataclass(frozen=True)
@@ -183,7 +194,7 @@ def guided_logits_fn(
 class MusePipeline:
     """Text-to-image generation and editing with a VQGAN, a text encoder, a masked transformer and, optionally, a
     token super-resolution stage. Components are public attributes; `superres_vqgan=None` means the high-res tokens
-    share the base VQGAN."""
+    share the base VQGAN. `scorer` is the default best-of-N scorer (see the `scorer` property)."""
 
     def __init__(
         self,
@@ -193,6 +204,7 @@ class MusePipeline:
         superres: SuperResTransformer | None = None,
         superres_vqgan: VQGAN | None = None,
         config: PipelineConfig | None = None,
+        scorer: Scorer | None = None,
     ) -> None:
         self.vqgan = vqgan.eval()
         self.text_encoder = text_encoder
@@ -200,6 +212,8 @@ class MusePipeline:
         self.superres = None if superres is None else superres.eval()
         self.superres_vqgan = None if superres_vqgan is None else superres_vqgan.eval()
         self.config = config or PipelineConfig()
+        self._scorer = scorer
+        self._scorer_dir: Path | None = None  # a saved PromptScorer not loaded yet (from_pretrained)
         self._check_components()
 
     def _check_components(self) -> None:
@@ -243,6 +257,23 @@ class MusePipeline:
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
+
+    @property
+    def scorer(self) -> Scorer | None:
+        """The default best-of-N scorer, or None for the model's own log-likelihood; assign None or any `Scorer` to
+        change it. A pipeline directory's `scorer/` is loaded here, on first use, so a pipeline that never ranks
+        candidates never pays for the scorer's frozen towers."""
+        if self._scorer is None and self._scorer_dir is not None:
+            from muse.scorer import PromptScorer
+
+            self._scorer = _load_component(SCORER_DIR, self._scorer_dir.parent,
+                                           lambda where: PromptScorer.load(where, device=self.device))
+            self._scorer_dir = None
+        return self._scorer
+
+    @scorer.setter
+    def scorer(self, scorer: Scorer | None) -> None:
+        self._scorer, self._scorer_dir = scorer, None
 
     @property
     def _scale(self) -> int:
@@ -304,11 +335,14 @@ class MusePipeline:
         if "superres_vqgan" in components:
             superres_vqgan = _load_component("superres_vqgan", path, VQGAN.from_pretrained)
         text_encoder = _load_component("text_encoder", path, _load_text_encoder)
-        return cls(vqgan, text_encoder, transformer, superres, superres_vqgan, config)
+        pipe = cls(vqgan, text_encoder, transformer, superres, superres_vqgan, config)
+        if (path / SCORER_DIR).is_dir():
+            pipe._scorer_dir = path / SCORER_DIR
+        return pipe
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write one directory per component, text_encoder.json and pipeline.json (last, so an interrupted save is
-        never mistaken for a complete one)."""
+        """Write one directory per component, text_encoder.json, `scorer/` when the default scorer is a saved or
+        savable PromptScorer, and pipeline.json (last, so an interrupted save is never mistaken for a complete one)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         components = ["vqgan", "transformer"]
@@ -330,6 +364,17 @@ class MusePipeline:
                 self.text_encoder.tokenizer.save_pretrained(target)
             text_config = dataclasses.replace(text_config, name_or_path=TEXT_ENCODER_DIR)
         _write_json(path / TEXT_ENCODER_FILE, dataclasses.asdict(text_config))
+        target = path / SCORER_DIR
+        if self._scorer_dir is not None:
+            # Not loaded yet: copy its two files rather than load its towers just to write them back.
+            if self._scorer_dir.resolve() != target.resolve():
+                target.mkdir(exist_ok=True)
+                for name in (CONFIG_NAME, WEIGHTS_NAME):
+                    shutil.copyfile(self._scorer_dir / name, target / (name + ".tmp"))
+                    os.replace(target / (name + ".tmp"), target / name)
+        elif hasattr(self._scorer, "save"):
+            self._scorer.save(target)
+        # A scorer that is a plain function is the caller's code, not a component: nothing to save.
         _write_json(path / PIPELINE_FILE, {"components": components, "config": dataclasses.asdict(self.config)})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MusePipeline:
@@ -338,6 +383,8 @@ class MusePipeline:
             if module is not None:
                 module.to(device=device, dtype=dtype)
         self.text_encoder.to(device, dtype)
+        if hasattr(self._scorer, "to") and device is not None:
+            self._scorer.to(device)  # the scorer keeps float32: it only ranks finished images
         return self
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -359,25 +406,35 @@ class MusePipeline:
         top_p: float | None = None,
         stages: int | None = None,
         superres_steps: int | None = None,
+        num_candidates: int = 1,
+        scorer: Scorer | None = None,
     ) -> PipelineOutput:
         """Generate `num_images` images per prompt. Options left None take the pipeline's defaults (`self.config`).
 
         Images are ordered prompt-major. `seed`: an int gives image i seed + i, a list gives one seed per image,
         None draws a random base seed; `PipelineOutput.seeds` records each. `negative_prompt` (one, or one per
         prompt) replaces the empty prompt in guidance's unconditional branch. `stages=1` stops after the base stage.
+
+        `num_candidates` > 1 makes that many candidates per image and keeps the best by `scorer` (None: `self.scorer`,
+        else the model's mean token log-probability); see the module docstring for the candidates' seeds.
+        `PipelineOutput.scores` records the chosen candidates' scores.
         """
         prompts = _prompt_list(prompt)
+        n = _check_int(num_candidates, "num_candidates")
         job = self._job(prompts, num_images, negative_prompt, seed, num_steps, guidance_scale, guidance_schedule,
                         temperature, top_k, top_p, stages, superres_steps)
+        if n > 1:
+            job = _candidates(job, n)
         B, g = job.batch_size, self.transformer.config.grid_size
         low = self._masked(B, (g, g), self.transformer.config.mask_token_id)
         high = None
         if job.stages == 2:
             high = self._masked(B, (g * self._scale, g * self._scale), self.superres.config.mask_token_id)
-        low, high = self._sample(job, low, high)
+        low, high, log_prob = self._sample(job, low, high)
         tokens = low if high is None else high
         images = _to_pil(self._decode_pixels(tokens, job.stages))
-        return self._output(images, tokens, job, low if high is not None else None)
+        out = self._output(images, tokens, job, low if high is not None else None)
+        return out if n == 1 else self._best_of(out, n, self.scorer if scorer is None else scorer, log_prob)
 
     @torch.inference_mode()
     def inpaint(
@@ -437,7 +494,7 @@ class MusePipeline:
             region_stride = self.high_vqgan.config.downsample_factor
             region = pixel_to_token_mask(masks, region_stride, dilation)  # (B, hh, wh)
             high = masked_grid(self._encode(self.high_vqgan, blanked), region, self.superres.config.mask_token_id)
-        low, high = self._sample(job, low, high)
+        low, high, _ = self._sample(job, low, high)
         tokens = low if high is None else high
         generated = self._decode_pixels(tokens, job.stages)
         weights = feathered_composite_weights(region.cpu(), region_stride, self.config.seam)
@@ -487,7 +544,7 @@ class MusePipeline:
             high_canvas = outpaint_canvas(self._encode(self.high_vqgan, images), token_padding(pad, region_stride),
                                           self.superres.config.mask_token_id)
             high, region = high_canvas.tokens, high_canvas.mask
-        low, high = self._sample(job, low, high)
+        low, high, _ = self._sample(job, low, high)
         tokens = low if high is None else high
         generated = self._decode_pixels(tokens, job.stages)
         left, top, right, bottom = pad
@@ -554,10 +611,11 @@ class MusePipeline:
             confidence = None if mode == "random" else self._confidence(low, context, job)
             remask = edit_mask(tuple(low.shape), float(strength), seeds, confidence)  # (B, h, w)
             changed |= remask
-            low = self._fill(low.masked_fill(remask, mask_id), job, context, iteration=iteration)
+            low, _ = self._fill(low.masked_fill(remask, mask_id), job, context, iteration=iteration)
         if high is not None:
             region = changed.repeat_interleave(self._scale, 1).repeat_interleave(self._scale, 2)  # (B, hh, wh)
-            high = self._superres_fill(masked_grid(high, region, self.superres.config.mask_token_id), low, text, job)
+            masked = masked_grid(high, region, self.superres.config.mask_token_id)
+            high, _ = self._superres_fill(masked, low, text, job)
         tokens = low if high is None else high
         images = _to_pil(self._decode_pixels(tokens, job.stages))
         return self._output(images, tokens, job, low if high is not None else None)
@@ -624,16 +682,20 @@ class MusePipeline:
         """The text of every row, encoded once: B conditional rows, then B unconditional ones when guided."""
         return self.text_encoder(job.prompts + job.negatives if job.guided else job.prompts)
 
-    def _sample(self, job: _Job, low: Tensor, high: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _sample(self, job: _Job, low: Tensor, high: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
         """Fill the mask tokens of the base grid `low` (B, h, w) and then, when given, of the super-res grid `high`
-        (B, h * scale, w * scale) conditioned on the filled base grid."""
-        text = self._text(job)
-        low = self._fill(low, job, self.transformer.text_context(text.states, text.mask))
-        if high is not None:
-            high = self._superres_fill(high, low, text, job)
-        return low, high
+        (B, h * scale, w * scale) conditioned on the filled base grid.
 
-    def _fill(self, grid: Tensor, job: _Job, context: TextContext, iteration: int = 0) -> Tensor:
+        Also returns the mean log-probability (B,) of the decoded tokens: each stage's mean, averaged over the
+        stages, so that the super-res stage's many more tokens do not drown the base stage that sets the layout."""
+        text = self._text(job)
+        low, log_prob = self._fill(low, job, self.transformer.text_context(text.states, text.mask))
+        if high is not None:
+            high, high_log_prob = self._superres_fill(high, low, text, job)
+            log_prob = (log_prob + high_log_prob) / 2
+        return low, high, log_prob
+
+    def _fill(self, grid: Tensor, job: _Job, context: TextContext, iteration: int = 0) -> tuple[Tensor, Tensor]:
         """Base stage: decode the mask tokens of `grid` (B, h, w), one model-sized window at a time."""
         g = self.transformer.config.grid_size
         return self._decode_windows(
@@ -641,7 +703,7 @@ class MusePipeline:
             stage=0, iteration=iteration,
         )
 
-    def _superres_fill(self, high: Tensor, low: Tensor, text: TextEmbedding, job: _Job) -> Tensor:
+    def _superres_fill(self, high: Tensor, low: Tensor, text: TextEmbedding, job: _Job) -> tuple[Tensor, Tensor]:
         """Super-res stage: decode the mask tokens of `high` (B, hh, wh) given the complete base grid `low` (B, h, w).
 
         Windows are laid on the high-res grid with the base stage's overlap in low-res tokens, so every window is
@@ -671,16 +733,20 @@ class MusePipeline:
         num_steps: int,
         stage: int,
         iteration: int = 0,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         """Decode every mask token of `grid` (B, h, w) with `model`, one window of at most `window` tokens at a time.
 
         A grid no larger than the window is a single decode. The plan is shared by the batch (a token is decoded in
         the first window that holds it unknown in any row), and each window's randomness is its own sub-stream of the
         rows' seeds, the first window using the seeds themselves.
+
+        Returns the filled grid and the mean log-probability (B,) of the tokens decoded (0 for a row with none).
         """
         mask_id = model.config.mask_token_id
         B = grid.shape[0]
         grid = grid.clone()
+        log_prob_sum = torch.zeros(B, device=grid.device)
+        decoded = torch.zeros(B, device=grid.device)
         plan = plan_windows((grid == mask_id).any(dim=0).cpu(), window, overlap)
         for index, win in enumerate(plan):
             crop = grid[:, win.rows, win.cols]
@@ -698,7 +764,32 @@ class MusePipeline:
                 choice_temperature=self.config.choice_temperature,
             )
             grid[:, win.rows, win.cols] = out.tokens.view(B, h, w)  # (B, h, w)
-        return grid
+            log_prob_sum += out.log_probs.sum(dim=1)
+            decoded += out.generated.sum(dim=1)
+        return grid, log_prob_sum / decoded.clamp(min=1)
+
+    def _best_of(self, out: PipelineOutput, n: int, scorer: Scorer | None, log_prob: Tensor) -> PipelineOutput:
+        """Keep, of every n consecutive candidates of `out`, the one with the highest score (the first on a tie)."""
+        if scorer is None:
+            scores = log_prob.float().cpu()
+        else:
+            scores = torch.as_tensor(scorer(out.images, out.prompts)).detach().float().cpu()
+            if scores.shape != (len(out.images),):
+                raise ValueError(f"the best-of-N scorer must return one score per image, shape ({len(out.images)},); "
+                                 f"got shape {tuple(scores.shape)}")
+            if not bool(torch.isfinite(scores).all()):
+                raise ValueError("the best-of-N scorer returned NaN or infinite scores")
+        best = scores.view(-1, n).argmax(dim=1)  # (B,) candidate index per image
+        rows = torch.arange(best.shape[0]) * n + best  # (B,) row of each chosen candidate
+        picked = rows.tolist()
+        return PipelineOutput(
+            images=[out.images[r] for r in picked],
+            tokens=out.tokens[rows.to(out.tokens.device)],
+            seeds=[out.seeds[r] for r in picked],
+            prompts=[out.prompts[r] for r in picked],
+            low_res_tokens=None if out.low_res_tokens is None else out.low_res_tokens[rows.to(out.tokens.device)],
+            scores=scores[rows].tolist(),
+        )
 
     def _confidence(self, tokens: Tensor, context: TextContext, job: _Job) -> Tensor:
         """(B, h, w) guided log-probability of each token of a complete grid under the job's prompts."""
@@ -797,6 +888,18 @@ def _seed_list(seed: int | Sequence[int] | None, n: int) -> list[int]:
     if min(seeds) < 0 or max(seeds) >= MAX_SEED:
         raise ValueError(f"seeds must lie in [0, 2**32), got {min(seeds)}..{max(seeds)}")
     return seeds
+
+
+def _candidates(job: _Job, n: int) -> _Job:
+    """The job with every row repeated n times, candidate j of a row with seed s taking seed (s * n + j) mod 2**32:
+    distinct images' candidates never share a seed (below 2**32 / n), and n = 1 is the job itself."""
+    seeds = (job.seeds[:, None] * n + torch.arange(n, device=job.seeds.device)) % MAX_SEED  # (B, n)
+    return dataclasses.replace(
+        job,
+        prompts=[p for p in job.prompts for _ in range(n)],
+        negatives=[p for p in job.negatives for _ in range(n)],
+        seeds=seeds.flatten(),
+    )
 
 
 def _substream(seeds: Tensor, stage: int, iteration: int, window: int) -> Tensor:
