@@ -27,9 +27,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
+from PIL import Image
+
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.part*.jsonl"
 DTYPES = ("float32", "bfloat16", "float16")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="saved pipeline directory or bundled preset name (default: the bundled model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: this rank's GPU, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of every component")
-    parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR",
-                        help="output directory (default: outputs)")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR|FILE",
+                        help="output directory (default: outputs), or an image file name (.png, .jpg, .webp) for a "
+                             "single prompt: with --num-images N > 1, NAME-0.png ... NAME-{N-1}.png")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,9 +209,9 @@ def _append(file: Path, records: list[dict]) -> None:
 
 
 def _save_png(image, path: Path) -> None:
-    """Atomic, so a crash never leaves a truncated image under the final name."""
+    """Atomic, so a crash never leaves a truncated image under the final name. The format follows the suffix."""
     tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
+    image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
     os.replace(tmp, path)
 
 
@@ -255,12 +259,38 @@ def _items(prompts: list[str], num_images: int, seed: int | None, rank: int, wor
             yield Item(index, prompts[p], None if seed is None else seed + index)
 
 
+def _file_targets(out: Path, n: int) -> list[Path] | None:
+    """`--out` naming an image file: the n files to write (NAME.png, or NAME-0.png ... when n > 1); else None."""
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(n)]
+
+
+def _save_files(images, seeds, targets: list[Path], command: str) -> None:
+    for image, seed, path in zip(images, seeds, targets):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_png(image, path)
+        print(f"muse {command}: saved {path} (seed {seed})")
+
+
 def generate_main(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     prompts = _read_prompts(args)
     if args.batch_size < 1 or args.num_images < 1:
         raise SystemExit("muse generate: --batch-size and --num-images must be >= 1")
+    targets = _file_targets(args.out, args.num_images)
+    if targets is not None:  # one prompt straight to image files: no manifest, nothing to resume
+        if len(prompts) != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit(f"muse generate: --out {args.out} names one image file; give a directory for a "
+                             "prompts file or a torchrun job")
+        pipe = _load_pipeline(args, "generate")
+        try:
+            result = pipe(prompts[0], num_images=args.num_images, seed=args.seed, **_sampling_options(args))
+        except (ValueError, TypeError) as e:
+            raise _fail("generate", e) from None
+        _save_files(result.images, result.seeds, targets, "generate")
+        return
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         import torch.distributed as dist
@@ -327,11 +357,9 @@ def _run_image_task(args: argparse.Namespace, command: str, task_options: dict) 
                                         **task_options, **_sampling_options(args))
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise _fail(command, e) from None
-    args.out.mkdir(parents=True, exist_ok=True)
-    for image, seed in zip(result.images, result.seeds):
-        path = args.out / f"{args.image.stem}-{command}-{seed}.png"
-        _save_png(image, path)
-        print(f"muse {command}: saved {path}")
+    targets = _file_targets(args.out, len(result.images)) or [
+        args.out / f"{args.image.stem}-{command}-{seed}.png" for seed in result.seeds]
+    _save_files(result.images, result.seeds, targets, command)
 
 
 def inpaint_main(args: argparse.Namespace) -> None:

@@ -142,3 +142,21 @@ def test_command_errors_exit_with_a_message(tiny_pipeline_dir, tmp_path, argv, m
 def test_missing_model_is_a_clean_exit(tmp_path):
     with pytest.raises(SystemExit, match="muse generate: no pipeline directory"):
         run("generate", "x", "--model", tmp_path / "absent", "--out", tmp_path / "o")
+
+
+def test_out_naming_an_image_file_writes_exactly_that_file(tiny_pipeline_dir, tmp_path):
+    run("generate", "a red apple", "--seed", 3, "--steps", 2, "--out", tmp_path / "apple.png", "--model",
+        tiny_pipeline_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["apple.png"]  # no manifest for a one-off
+    expected = MusePipeline.from_pretrained(tiny_pipeline_dir)("a red apple", seed=3, num_steps=2).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "apple.png")), np.asarray(expected))
+
+    run("generate", "a red apple", "--num-images", 2, "--steps", 2, "--out", tmp_path / "more" / "apple.webp",
+        "--model", tiny_pipeline_dir)
+    assert sorted(p.name for p in (tmp_path / "more").iterdir()) == ["apple-0.webp", "apple-1.webp"]
+    assert Image.open(tmp_path / "more" / "apple-0.webp").format == "WEBP"
+
+    (tmp_path / "prompts.txt").write_text("a\nb\n")
+    with pytest.raises(SystemExit, match="names one image file"):
+        run("generate", "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "x.png", "--model",
+            tiny_pipeline_dir)
