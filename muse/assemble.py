@@ -5,7 +5,8 @@
 Each run directory holds the resolved `config.yaml` it was trained with and its exported model (`transformer/`,
 `superres/`); the config names the VQGAN(s) and the text encoder, so nothing else needs to be given. A super-res run
 whose high-res VQGAN is not the base VQGAN adds it as the pipeline's `superres_vqgan`. Sampling defaults can be set
-here too (`--num-steps`, `--guidance-scale`, ...) and are saved in `pipeline.json`.
+here too (`--num-steps`, `--guidance-scale`, ...) and are saved in `pipeline.json`; `--scorer DIR` ships a trained
+prompt scorer as the pipeline's best-of-N default, and `--weights-dtype float16` halves the files on disk.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from muse.config import ConfigError, SuperResRun, TransformerRun, load_config
 from muse.pipeline import MusePipeline, PipelineConfig
+from muse.scorer import PromptScorer
 from superres.model import SuperResTransformer
 from transformer.model import MaskedTransformer
 from transformer.text import TextEncoder
@@ -70,6 +75,17 @@ def assemble(
     return MusePipeline(vqgan, TextEncoder(base.text), transformer, superres, superres_vqgan, config)
 
 
+def store_weights_as(path: str | os.PathLike, dtype: torch.dtype) -> None:
+    """Rewrite every component's floating-point weights under the pipeline directory `path` in `dtype` (atomically,
+    file by file). Loading casts them back to the model's dtype, so float16 halves the size on disk at the cost of
+    rounding the weights once; integer buffers are left as they are."""
+    for file in sorted(Path(path).glob("*/model.safetensors")):
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(file).items()}
+        tmp = file.with_name(file.name + ".tmp")
+        save_file(state, tmp)
+        os.replace(tmp, file)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer-run", type=Path, required=True, help="run directory of the base stage")
     parser.add_argument("--superres-run", type=Path, default=None, help="run directory of the super-res stage")
@@ -79,6 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
     parser.add_argument("--guidance-schedule", default=defaults.guidance_schedule)
     parser.add_argument("--superres-steps", type=int, default=defaults.superres_steps)
+    parser.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
+                        help="storage dtype of the weights on disk (float16: half the size; loaded back as float32)")
+    parser.add_argument("--scorer", type=Path, default=None,
+                        help="a trained prompt scorer (muse scorer) to ship as the pipeline's best-of-N default")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -88,7 +108,14 @@ def main(args: argparse.Namespace) -> int:
         pipe = assemble(args.transformer_run, args.superres_run, config)
     except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         raise SystemExit(f"muse assemble: {e}") from None
+    if args.scorer is not None:
+        try:
+            pipe.scorer = PromptScorer.load(args.scorer)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"muse assemble: {e}") from None
     pipe.save_pretrained(args.out)
+    if args.weights_dtype != "float32":
+        store_weights_as(args.out, getattr(torch, args.weights_dtype))
     stages = "base + super-res" if pipe.superres is not None else "base only"
     print(f"wrote {args.out} ({stages}, {pipe.resolution()} px): "
           f"MusePipeline.from_pretrained({str(args.out)!r}) or --model {args.out}")

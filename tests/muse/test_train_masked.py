@@ -219,7 +219,7 @@ def test_superres_resume_from_shards_is_exact(tmp_path, monkeypatch, t5):
 
 
 def test_assemble_turns_the_runs_into_a_two_stage_pipeline(tmp_path, t5):
-    from muse.assemble import assemble
+    from muse.assemble import assemble, store_weights_as
     from muse.config import ConfigError
     from muse.pipeline import MusePipeline
 
@@ -239,6 +239,14 @@ def test_assemble_turns_the_runs_into_a_two_stage_pipeline(tmp_path, t5):
     assert pipe.superres is not None and pipe.superres_vqgan is None  # one fully convolutional VQGAN serves both
     out = pipe("a prompt", num_steps=2, superres_steps=2, seed=0)
     assert out.images[0].size == (pipe.resolution(), pipe.resolution()) == (2 * 16, 2 * 16)
+    store_weights_as(tmp_path / "pipe", torch.float16)  # what the bundled model ships with
+    half = MusePipeline.from_pretrained(tmp_path / "pipe")
+    file = tmp_path / "pipe" / "transformer" / "model.safetensors"
+    from safetensors.torch import load_file
+
+    assert all(v.dtype == torch.float16 for v in load_file(file).values() if v.is_floating_point())
+    assert half.transformer.head.weight.dtype == torch.float32  # cast back on load
+    assert torch.equal(half.transformer.head.weight, pipe.transformer.head.weight.half().float())
     with pytest.raises(ConfigError, match="is a transformer run, expected a superres run"):
         assemble(tmp_path / "base", tmp_path / "base")
     with pytest.raises(FileNotFoundError, match="not a training run directory"):
