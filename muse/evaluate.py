@@ -62,8 +62,8 @@ REPORT_MD = "eval.md"
 class EvalConfig:
     split: str = "heldout"                  # the split whose captions and images are evaluated
     num_prompts: int = 32                   # captions per set (the split's, and as many training ones)
-    steps: tuple[int, ...] = (8, 16, 24)    # decoding steps of the settings grid
-    guidance: tuple[float, ...] | None = None  # guidance scales of the grid; None: 1 (off) and the model's default
+    steps: tuple[int, ...] = (8, 12, 16, 24)  # decoding steps of the settings grid
+    guidance: tuple[float, ...] | None = None  # guidance scales of the grid; None: 1 (off), half the model's, the model's
     candidates: int = 100                   # captions each generated image's prompt is retrieved among
     best_of: int = 8                        # candidates per image in the best-of-N comparison; 1 skips it
     num_recon: int = 128                    # split images for the reconstruction PSNR
@@ -184,7 +184,8 @@ def evaluate(
     features = scorer.image_encoder if scorer is not None else ImageFeatures(ScorerConfig.image_size).to(pipe.device)
 
     reconstruction = _reconstruction(pipe, data_dir, config)
-    guidance = config.guidance if config.guidance is not None else (1.0, pipe.config.guidance_scale)
+    default = pipe.config.guidance_scale
+    guidance = config.guidance if config.guidance is not None else tuple(sorted({1.0, max(1.0, default / 2), default}))
     real_features = features(split.images).cpu() if len(split.captions) >= 2 else None
     settings = []
     for num_steps in config.steps:
@@ -488,7 +489,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=list(defaults.steps), metavar="N",
                         help="decoding steps of the settings grid")
     parser.add_argument("--guidance", type=float, nargs="+", default=None, metavar="SCALE",
-                        help="guidance scales of the settings grid (default: 1, i.e. none, and the model's own)")
+                        help="guidance scales of the settings grid (default: 1, i.e. none, half the model's and the model's)")
     parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts, metavar="N",
                         help="captions per evaluated set")
     parser.add_argument("--candidates", type=int, default=defaults.candidates, metavar="N",
