@@ -95,6 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
     parser.add_argument("--guidance-schedule", default=defaults.guidance_schedule)
     parser.add_argument("--superres-steps", type=int, default=defaults.superres_steps)
+    parser.add_argument("--stages", type=int, choices=(1, 2), default=None,
+                        help="stages a call runs by default (default: every stage the pipeline has)")
     parser.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
                         help="storage dtype of the weights on disk (float16: half the size; loaded back as float32)")
     parser.add_argument("--scorer", type=Path, default=None,
@@ -104,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         config = replace(PipelineConfig(), num_steps=args.num_steps, guidance_scale=args.guidance_scale,
-                         guidance_schedule=args.guidance_schedule, superres_steps=args.superres_steps)
+                         guidance_schedule=args.guidance_schedule, superres_steps=args.superres_steps,
+                         stages=args.stages)
         pipe = assemble(args.transformer_run, args.superres_run, config)
     except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         raise SystemExit(f"muse assemble: {e}") from None
@@ -117,6 +120,8 @@ def main(args: argparse.Namespace) -> int:
     if args.weights_dtype != "float32":
         store_weights_as(args.out, getattr(torch, args.weights_dtype))
     stages = "base + super-res" if pipe.superres is not None else "base only"
+    if pipe.superres is not None and config.stages == 1:
+        stages += ", base only unless a call asks for stages=2"
     print(f"wrote {args.out} ({stages}, {pipe.resolution()} px): "
           f"MusePipeline.from_pretrained({str(args.out)!r}) or --model {args.out}")
     return 0

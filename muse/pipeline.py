@@ -105,6 +105,8 @@ class PipelineConfig:
     mask_dilation: int = 1              # inpainting: tokens added around the masked ones, so edges are regenerated too
     seam: int = 4                       # inpainting: pixels outside the regenerated tokens over which it is feathered
     window_overlap: float = 0.5         # large canvases: fraction of the model's grid shared by neighbouring windows
+    stages: int | None = None           # stages a call runs when it does not say: 1 = base only, 2 = with super-res,
+                                        # None = every stage the pipeline has
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "superres_steps"):
@@ -122,6 +124,8 @@ class PipelineConfig:
             raise ValueError(f"mask_dilation and seam must be >= 0, got {self.mask_dilation} and {self.seam}")
         if not 0.0 < self.window_overlap < 1.0:
             raise ValueError(f"window_overlap must be in (0, 1), got {self.window_overlap}")
+        if self.stages not in (None, 1, 2) or isinstance(self.stages, bool):
+            raise ValueError(f"stages must be 1, 2 or None, got {self.stages!r}")
 
 
 @dataclass
@@ -228,6 +232,8 @@ class MusePipeline:
         if self.superres is None:
             if self.superres_vqgan is not None:
                 raise ValueError("superres_vqgan was given without a superres model")
+            if self.config.stages == 2:
+                raise ValueError("config.stages=2 needs a super-resolution stage, and this pipeline has none")
             return
         s = self.superres.config
         if s.low_codebook_size != self.vqgan.config.codebook_size:
@@ -281,6 +287,8 @@ class MusePipeline:
         return self.superres.config.high.grid_size // self.transformer.config.grid_size
 
     def _resolve_stages(self, stages: int | None) -> int:
+        if stages is None:
+            stages = self.config.stages
         if stages is None:
             return 1 if self.superres is None else 2
         if isinstance(stages, bool) or stages not in (1, 2):

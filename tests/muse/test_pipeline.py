@@ -190,6 +190,23 @@ def test_cascade_generates_high_res_and_stops_after_base_on_request(tiny_cascade
     assert all(np.array_equal(x, y) for x, y in zip(pixels(again), pixels(full)))
 
 
+def test_a_pipeline_can_default_to_its_base_stage(tiny_cascade, tiny_pipe, tmp_path):
+    import dataclasses
+
+    base_first = MusePipeline(tiny_cascade.vqgan, tiny_cascade.text_encoder, tiny_cascade.transformer,
+                              tiny_cascade.superres, config=dataclasses.replace(tiny_cascade.config, stages=1))
+    assert base_first.resolution() == 16 and base_first.resolution(stages=2) == 32
+    assert base_first("a dog", seed=1).images[0].size == (16, 16)
+    assert base_first("a dog", seed=1, stages=2).images[0].size == (32, 32)
+    base_first.save_pretrained(tmp_path / "p")
+    assert MusePipeline.from_pretrained(tmp_path / "p").config.stages == 1
+    with pytest.raises(ValueError, match="config.stages=2 needs a super-resolution stage"):
+        MusePipeline(tiny_pipe.vqgan, tiny_pipe.text_encoder, tiny_pipe.transformer,
+                     config=dataclasses.replace(tiny_pipe.config, stages=2))
+    with pytest.raises(ValueError, match="stages must be 1, 2 or None"):
+        dataclasses.replace(tiny_pipe.config, stages=3)
+
+
 def test_superres_steps_are_counted_separately(tiny_cascade, monkeypatch):
     forwards = count_calls(monkeypatch, tiny_cascade.superres, "forward")
     tiny_cascade("a dog", seed=0, superres_steps=2)
