@@ -2,7 +2,8 @@
 
 Every method is safe to call on any rank; only rank 0 writes. Scalars go to `run_dir/logs/` either as TensorBoard
 events or as `scalars.csv` (one `step,name,value` row each, so new names can appear at any step). On resume the CSV is
-appended to and TensorBoard discards events past the resumed step, so curves have no duplicate stretch.
+appended to after dropping its rows past the resumed step (an interrupted run logs beyond its last checkpoint), and
+TensorBoard discards such events itself, so curves have no duplicate stretch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class TrainLogger:
         elif kind == "csv":
             path = logs / "scalars.csv"
             new = not path.exists()
+            if not new:
+                _drop_rows_after(path, start_step)
             self._csv_file = open(path, "a", newline="")
             self._csv = csv.writer(self._csv_file)
             if new:
@@ -67,6 +70,19 @@ class TrainLogger:
             self._writer.close()
         if self._csv_file is not None:
             self._csv_file.close()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite `path` without the rows logged after `step`; atomic, so a crash here cannot lose the log."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
+    if len(kept) == len(rows):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    tmp.replace(path)
 
 
 class Meter:

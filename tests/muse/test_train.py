@@ -12,6 +12,7 @@ from muse.train import vqgan as vqgan_trainer
 from muse.train.batches import BatchStream, EpochBatchSampler
 from muse.train.checkpoint import CheckpointError, load_checkpoint
 from muse.train.common import build_optimizer, decay_and_no_decay, lr_factor
+from muse.train.logger import TrainLogger
 from muse.train.run import add_arguments, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -197,3 +198,16 @@ def test_batch_stream_resumes_on_the_exact_next_batch():
     resumed.load_state_dict(position)
     assert first + [next(resumed).tolist() for _ in range(4)] == straight
     assert position == {"epoch": 1, "batch": 1, "samples": 2}
+
+
+def test_resumed_csv_log_drops_the_rows_logged_after_the_checkpoint(tmp_path):
+    # An interrupted run logs past its last checkpoint; resuming must not leave those steps in the curve twice.
+    log = TrainLogger(tmp_path, "csv", is_main=True, total_steps=4, start_step=0)
+    for step in (1, 2, 3):
+        log.scalars(step, {"train/loss": float(step)})
+    log.close()
+    log = TrainLogger(tmp_path, "csv", is_main=True, total_steps=4, start_step=2)   # the checkpoint was at step 2
+    log.scalars(3, {"train/loss": 30.0})
+    log.close()
+    rows = (tmp_path / "logs" / "scalars.csv").read_text().splitlines()
+    assert rows == ["step,name,value", "1,train/loss,1", "2,train/loss,2", "3,train/loss,30"]
