@@ -20,9 +20,11 @@ prompt-fidelity numbers are left out and everything else is still measured:
   mask are regenerated too, and a seam is feathered), the same fraction over the pixels the pipeline promises to
   keep (beyond the dilated tokens and the seam: must be 1), and the scorer's score of the hole's crop, next to the
   original's crop under the same caption;
-* best-of-N on the split's captions at the pipeline's default steps and guidance: the pick by the scorer (the same
-  scorer that measures, so an upper bound), by the model's own log-likelihood (independent of the scorer), and a
-  random pick (the mean over all candidates, i.e. its expectation).
+* best-of-N on the split's captions at the pipeline's default steps and guidance: the pick by the model's scorer
+  (what `num_candidates` uses), by the model's own log-likelihood, and a random pick (the mean over all candidates,
+  i.e. its expectation), all measured by the evaluation's scorer. Pass `--scorer` a second, separately trained scorer
+  (a judge) to measure the model scorer's pick independently; when the same scorer picks and measures, its pick's
+  numbers are an upper bound and the report says so.
 
 Image i of a caption set has seed `seed + i` in every setting, so settings differ only in their options. Defaults
 are sized for a CPU run of minutes (about 4 on one thread for a pipeline the size of the emoji base model, half of it
@@ -49,7 +51,7 @@ from torch import Tensor
 
 from muse.data.folder import ImageCaptionDataset, read_rows
 from muse.data.images import ImageTransform
-from muse.pipeline import MusePipeline
+from muse.pipeline import MusePipeline, Scorer
 from muse.scorer import ImageFeatures, PromptScorer, ScorerConfig, target_ranks
 from sampling import feathered_composite_weights, pixel_to_token_mask
 
@@ -130,7 +132,8 @@ class BestOfN:
     n: int
     num_steps: int
     guidance_scale: float
-    by_scorer: Fidelity        # the pick of the measuring scorer itself: optimistic
+    independent_judge: bool    # False: the scorer that picked also measured, so `by_scorer` is optimistic
+    by_scorer: Fidelity        # the pick of the model's scorer (the measuring one when the model has none)
     by_likelihood: Fidelity    # the pick by the model's mean token log-probability
     random: Fidelity           # expectation of a uniformly random pick: every candidate, averaged
 
@@ -306,7 +309,8 @@ def _inpainting(pipe: MusePipeline, scorer: PromptScorer | None, pairs: _Pairs, 
 def _best_of_n(pipe: MusePipeline, scorer: PromptScorer, split: _Pairs, all_captions: list[str],
                config: EvalConfig) -> BestOfN:
     n = config.best_of
-    recorder = _Recorder(scorer)
+    picker = pipe.scorer if pipe.scorer is not None else scorer
+    recorder = _Recorder(picker, scorer)
     options = {"num_candidates": n, "stages": config.stages, "batch_size": max(1, config.batch_size // n)}
     by_scorer = _generate(pipe, split.captions, config, scorer=recorder, **options)
     default = pipe.scorer
@@ -319,6 +323,7 @@ def _best_of_n(pipe: MusePipeline, scorer: PromptScorer, split: _Pairs, all_capt
     every_prompt = [c for c in split.captions for _ in range(n)]
     return BestOfN(
         n=n, num_steps=pipe.config.num_steps, guidance_scale=pipe.config.guidance_scale,
+        independent_judge=picker is not scorer,
         by_scorer=_fidelity(scorer, scorer.embed_images(by_scorer), split.captions, all_captions, config),
         by_likelihood=_fidelity(scorer, scorer.embed_images(by_likelihood), split.captions, all_captions, config),
         random=_fidelity(scorer, candidates, every_prompt, all_captions, config),
@@ -326,16 +331,15 @@ def _best_of_n(pipe: MusePipeline, scorer: PromptScorer, split: _Pairs, all_capt
 
 
 class _Recorder:
-    """A best-of-N scorer that scores with a PromptScorer and keeps every candidate's embedding."""
+    """A best-of-N scorer that picks with `picker` and keeps every candidate's embedding by the measuring `judge`."""
 
-    def __init__(self, scorer: PromptScorer) -> None:
-        self.scorer = scorer
+    def __init__(self, picker: Scorer, judge: PromptScorer) -> None:
+        self.picker, self.judge = picker, judge
         self.embeddings: list[Tensor] = []
 
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
-        embeddings = self.scorer.embed_images(images).cpu()
-        self.embeddings.append(embeddings)
-        return (embeddings * self.scorer.embed_texts(prompts).cpu()).sum(dim=-1)
+        self.embeddings.append(self.judge.embed_images(images).cpu())
+        return torch.as_tensor(self.picker(images, prompts)).cpu()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -459,8 +463,8 @@ def markdown(report: EvalReport) -> str:
         b = report.best_of_n
         lines += ["", f"Best-of-{b.n} on {split} captions ({b.num_steps} steps, guidance {b.guidance_scale:g}):", "",
                   "| pick | score | top-1 | top-5 |", "|---|---|---|---|"]
-        picks = [("scorer (optimistic: it also measures)", b.by_scorer), ("model log-likelihood", b.by_likelihood),
-                 ("random (expected)", b.random)]
+        by_scorer = "the model's scorer" if b.independent_judge else "scorer (optimistic: it also measures)"
+        picks = [(by_scorer, b.by_scorer), ("model log-likelihood", b.by_likelihood), ("random (expected)", b.random)]
         lines += [f"| {name} | {_num(f.score)} | {_num(f.top1)} | {_num(f.top5)} |" for name, f in picks]
     lines += ["", f"{report.seconds:.0f} s."]
     return "\n".join(lines) + "\n"
@@ -485,7 +489,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=defaults.split, help="split whose captions and images are evaluated")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where eval.json and eval.md go")
     parser.add_argument("--scorer", default=None, metavar="PATH",
-                        help="PromptScorer directory (default: the model's scorer/, if any)")
+                        help="PromptScorer directory that measures (default: the model's scorer/, if any); a "
+                             "separately trained one judges the model scorer's best-of-N pick independently")
     parser.add_argument("--steps", type=int, nargs="+", default=list(defaults.steps), metavar="N",
                         help="decoding steps of the settings grid")
     parser.add_argument("--guidance", type=float, nargs="+", default=None, metavar="SCALE",

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from muse import cli
 from muse.evaluate import FD_LABEL, EvalConfig, evaluate, frechet_distance, markdown
 from muse.pipeline import MusePipeline
-from muse.scorer import ScorerConfig, train_scorer
+from muse.scorer import PromptScorer, ScorerConfig, train_scorer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 
@@ -48,11 +48,19 @@ def exact_pipeline_dir(tiny_pipe, tmp_path_factory) -> Path:
     return path
 
 
+def tiny_scorer(data_dir: Path, out: Path, seed: int) -> Path:
+    train_scorer(data_dir, out, steps=20, batch_size=6, source_sizes=(32,), config=ScorerConfig(image_size=64),
+                 log_every=0, seed=seed)
+    return out
+
+
 @pytest.fixture(scope="module")
-def report(data_dir, exact_pipeline_dir, tmp_path_factory):
-    scorer_dir = tmp_path_factory.mktemp("scorer")
-    train_scorer(data_dir, scorer_dir, steps=20, batch_size=6, source_sizes=(32,), config=ScorerConfig(image_size=64),
-                 log_every=0)
+def scorer_dir(data_dir, tmp_path_factory) -> Path:
+    return tiny_scorer(data_dir, tmp_path_factory.mktemp("scorer"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def report(data_dir, exact_pipeline_dir, scorer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     cli.main(["eval", "--model", str(exact_pipeline_dir), "--data", str(data_dir), "--out", str(out),
               "--scorer", str(scorer_dir), "--steps", "2", "4", "--guidance", "1", "3", "--num-prompts", "4",
@@ -77,10 +85,23 @@ def test_eval_writes_every_section(report):
     assert recon["vqgan"] == "base" and recon["num_images"] == 3 and recon["psnr"] > 0
     best = data["best_of_n"]
     assert best["n"] == 3 and {"by_scorer", "by_likelihood", "random"} <= set(best)
+    assert not best["independent_judge"]  # the pipeline has no scorer of its own: --scorer both picks and measures
     assert best["random"]["num_images"] == 4 * 3  # every candidate of every caption
     # the scorer's own pick can only score at least as well as the average candidate, by the same scorer
     assert best["by_scorer"]["score"] >= best["random"]["score"] - 1e-6
     assert "FD-EffNetLite0" in md and "not comparable with published FID" in md and "Best-of-3" in md
+    assert "optimistic: it also measures" in md
+
+
+def test_a_separate_judge_measures_the_model_scorers_pick(tiny_pipe, data_dir, scorer_dir, tmp_path):
+    pipe = MusePipeline(tiny_pipe.vqgan, tiny_pipe.text_encoder, tiny_pipe.transformer, config=tiny_pipe.config,
+                        scorer=PromptScorer.load(scorer_dir))
+    judge = PromptScorer.load(tiny_scorer(data_dir, tmp_path / "judge", seed=1))
+    config = EvalConfig(num_prompts=3, steps=(2,), guidance=(3.0,), num_recon=0, num_inpaint=0, best_of=2)
+    result = evaluate(pipe, data_dir, config, scorer=judge, scorer_name="judge")
+    best = result.best_of_n
+    assert best.independent_judge and best.random.num_images == 3 * 2
+    assert "| the model's scorer |" in markdown(result) and "optimistic" not in markdown(result)
 
 
 def test_inpainting_keeps_every_pixel_outside_the_mask(report):
