@@ -11,6 +11,7 @@ from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 from muse.config import load_config
 from muse.data.tokens import TokenShardWriter
 from muse.train import superres as superres_trainer
+from muse.train import loop
 from muse.train import transformer as transformer_trainer
 from muse.train.checkpoint import load_checkpoint
 from muse.train.masked import FixedRatioValidation, masked_loss, masked_positions, text_dropout, training_mask
@@ -153,14 +154,14 @@ class Preempted(Exception):
 def run_interrupted_and_straight(module, cfg_path, tmp_path, monkeypatch, overrides, crash_at):
     load = lambda out: load_config(cfg_path, [*overrides, f"train.out_dir={out}"])  # noqa: E731
     module.train(load(tmp_path / "straight"))
-    real = module.write_checkpoint
+    real = loop.write_checkpoint  # both stages run the shared loop, which writes the checkpoints
 
     def write_then_crash(run_dir, state, keep_every):
         real(run_dir, state, keep_every)
         if state["step"] == crash_at:
             raise Preempted
 
-    monkeypatch.setattr(module, "write_checkpoint", write_then_crash)
+    monkeypatch.setattr(loop, "write_checkpoint", write_then_crash)
     with pytest.raises(Preempted):
         module.train(load(tmp_path / "resumed"))
     monkeypatch.undo()
