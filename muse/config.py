@@ -66,6 +66,9 @@ class TrainConfig:
     sample_every: int = 1000        # reconstruction / sample grids
     save_every: int = 1000
     logger: str = "tensorboard"     # tensorboard | csv
+    # A model directory (save_pretrained / a run's export / a pipeline component) whose weights start a fresh run
+    # (fine-tuning, or continuing a model whose checkpoint is lost); ignored when --resume finds a checkpoint.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:

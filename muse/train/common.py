@@ -18,6 +18,7 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -27,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from muse.config import TrainConfig
+from transformer.saving import load_weights
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,13 @@ def broadcast_from_main(module: nn.Module, rt: Runtime) -> None:
         return
     for tensor in [*module.parameters(), *module.buffers()]:
         dist.broadcast(tensor.data, src=0)
+
+
+def init_weights(model: nn.Module, path: str | Path) -> None:
+    """Start `model` from the weights saved in the directory `path` (`model.safetensors`, any float dtype): every
+    tensor must exist with the same shape, else ValueError naming it. Only the weights are taken; optimiser, schedule
+    and step start fresh, and settings without weights (dropout) come from the run's own config."""
+    load_weights(path, model)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

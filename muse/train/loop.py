@@ -27,6 +27,7 @@ from muse.train.common import (
     build_optimizer,
     build_scheduler,
     evaluating,
+    init_weights,
     mean_across_ranks,
     setup,
     step_optimizer,
@@ -71,6 +72,8 @@ def train_masked_stage(cfg: TransformerRun | SuperResRun, stage: MaskedStage, re
 
     # Model and EMA copy (taken after DDP has given every rank rank 0's weights).
     model = stage.build().to(rt.device)
+    if cfg.train.init_from and not saved:
+        init_weights(model, cfg.train.init_from)
     net = wrap_ddp(stage.wrap(model), rt)
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     optimizer = build_optimizer(model, cfg.train)
@@ -96,7 +99,8 @@ def train_masked_stage(cfg: TransformerRun | SuperResRun, stage: MaskedStage, re
     log = TrainLogger(run_dir, cfg.train.logger, is_main=rt.is_main, total_steps=cfg.train.steps, start_step=step)
     items = len(source.train_set) if hasattr(source.train_set, "__len__") else "?"
     log.info(f"{stage.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, data "
-             f"{cfg.data.format} ({items} items), {'resuming at step ' + str(step) if step else 'starting'} on "
+             f"{cfg.data.format} ({items} items), {'resuming at step ' + str(step) if step else 'starting'}"
+             f"{' from ' + cfg.train.init_from if cfg.train.init_from and not saved else ''} on "
              f"{rt.world_size} x {rt.device}")
     if val_batch is None:
         log.info("no validation set: fixed-ratio validation and sample grids are skipped")

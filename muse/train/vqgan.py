@@ -25,6 +25,7 @@ from muse.train.common import (
     build_scheduler,
     clip_and_step,
     evaluating,
+    init_weights,
     lr_factor,
     mean_across_ranks,
     setup,
@@ -51,6 +52,8 @@ def train(cfg: VQGANRun, resume: bool = False, keep_every: int | None = None) ->
     # Model, EMA copy, and the discriminator, which lives in the loss (it is part of the objective, not the model).
     # DDP and the broadcast make every rank start from rank 0's weights; the EMA copy is taken after that.
     vqgan = VQGAN(cfg.model).to(rt.device)
+    if cfg.train.init_from and not saved:
+        init_weights(vqgan, cfg.train.init_from)
     model = wrap_ddp(vqgan, rt)
     ema = EMA(vqgan, cfg.train.ema_decay) if cfg.train.ema_decay else None
     losses = VQGANLoss(cfg.loss).to(rt.device)
@@ -75,7 +78,9 @@ def train(cfg: VQGANRun, resume: bool = False, keep_every: int | None = None) ->
     log = TrainLogger(run_dir, cfg.train.logger, is_main=rt.is_main, total_steps=cfg.train.steps, start_step=step)
     log.info(f"vqgan: {sum(p.numel() for p in vqgan.parameters()) / 1e6:.2f}M parameters, "
              f"perceptual loss: {losses.perceptual.name if losses.perceptual is not None else 'off'}, "
-             f"{'resuming at step ' + str(step) if step else 'starting'} on {rt.world_size} x {rt.device}")
+             f"{'resuming at step ' + str(step) if step else 'starting'}"
+             f"{' from ' + cfg.train.init_from if cfg.train.init_from and not saved else ''} on "
+             f"{rt.world_size} x {rt.device}")
     if val_images is None:
         log.info("no validation images: PSNR and reconstruction grids are skipped")
     meter = Meter()

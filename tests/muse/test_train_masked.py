@@ -252,3 +252,24 @@ def test_assemble_turns_the_runs_into_a_two_stage_pipeline(tmp_path, t5):
         assemble(tmp_path / "base", tmp_path / "base")
     with pytest.raises(FileNotFoundError, match="not a training run directory"):
         assemble(tmp_path / "nowhere")
+
+
+def test_init_from_starts_a_fresh_run_from_saved_weights_and_refuses_other_shapes(tmp_path, t5):
+    from transformer.model import MaskedTransformer
+
+    shards = write_shards(tmp_path / "tokens", TextEncoder(t5), t5, n_train=5, n_val=2)
+    common = [f"text.name_or_path={t5.name_or_path}", "text.kind=t5", f"model.text_dim={TEXT_DIM}",
+              f"vqgan={tiny_vqgan(tmp_path / 'vqgan')}", "data.format=tokens", f"data.path={shards}",
+              "train.batch_size=3", "train.sample_every=100"]
+    load = lambda *extra: load_config(CONFIGS / "transformer" / "tiny.yaml", [*common, *extra])  # noqa: E731
+    first = transformer_trainer.train(load("train.steps=2", f"train.out_dir={tmp_path / 'first'}"))
+
+    # lr 0: the optimiser cannot move the weights, so the export must be exactly the weights it started from.
+    second = transformer_trainer.train(load("train.steps=1", "train.lr=0", f"train.init_from={first}",
+                                            f"train.out_dir={tmp_path / 'second'}"))
+    assert_same(MaskedTransformer.from_pretrained(first).state_dict(),
+                MaskedTransformer.from_pretrained(second).state_dict())
+
+    with pytest.raises(ValueError, match="shape"):
+        transformer_trainer.train(load("train.steps=1", "model.width=48", f"train.init_from={first}",
+                                       f"train.out_dir={tmp_path / 'wider'}"))
