@@ -2,6 +2,7 @@
 
     muse generate "a red apple" --num-images 4 --seed 0 --steps 24 --guidance 4 --out out/ [--model PATH]
     muse generate --prompts prompts.txt --batch-size 16 --out out/          # one prompt per line
+    muse generate "a red apple" --num-candidates 8 --out apple.png          # best of 8 by the prompt scorer
     torchrun --nproc_per_node 4 -m muse.cli generate --prompts prompts.txt --out out/
     muse inpaint "a dog face" --image in.png --mask mask.png                # white = regenerate
     muse outpaint "a sunny sky" --image in.png --pad 0,0,64,0               # left,top,right,bottom pixels
@@ -88,6 +89,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                         help="text file with one prompt per line (blank lines are skipped)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass")
+    parser.add_argument("--num-candidates", "--candidates", dest="num_candidates", type=int, default=1, metavar="N",
+                        help="best-of-N: make N candidates per image and keep the one the model's prompt scorer "
+                             "rates best (its log-likelihood when it has no scorer); the score is printed / recorded")
     _add_sampling_arguments(parser)
     _add_model_arguments(parser)
 
@@ -266,19 +270,20 @@ def _file_targets(out: Path, n: int) -> list[Path] | None:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(n)]
 
 
-def _save_files(images, seeds, targets: list[Path], command: str) -> None:
-    for image, seed, path in zip(images, seeds, targets):
+def _save_files(images, seeds, targets: list[Path], command: str, scores: list[float] | None = None) -> None:
+    for k, (image, seed, path) in enumerate(zip(images, seeds, targets)):
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_png(image, path)
-        print(f"muse {command}: saved {path} (seed {seed})")
+        score = "" if scores is None else f", best-of-N score {scores[k]:.3f}"
+        print(f"muse {command}: saved {path} (seed {seed}{score})")
 
 
 def generate_main(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     prompts = _read_prompts(args)
-    if args.batch_size < 1 or args.num_images < 1:
-        raise SystemExit("muse generate: --batch-size and --num-images must be >= 1")
+    if args.batch_size < 1 or args.num_images < 1 or args.num_candidates < 1:
+        raise SystemExit("muse generate: --batch-size, --num-images and --num-candidates must be >= 1")
     targets = _file_targets(args.out, args.num_images)
     if targets is not None:  # one prompt straight to image files: no manifest, nothing to resume
         if len(prompts) != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -286,10 +291,11 @@ def generate_main(args: argparse.Namespace) -> None:
                              "prompts file or a torchrun job")
         pipe = _load_pipeline(args, "generate")
         try:
-            result = pipe(prompts[0], num_images=args.num_images, seed=args.seed, **_sampling_options(args))
+            result = pipe(prompts[0], num_images=args.num_images, seed=args.seed,
+                          num_candidates=args.num_candidates, **_sampling_options(args))
         except (ValueError, TypeError) as e:
             raise _fail("generate", e) from None
-        _save_files(result.images, result.seeds, targets, "generate")
+        _save_files(result.images, result.seeds, targets, "generate", result.scores)
         return
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -298,7 +304,7 @@ def generate_main(args: argparse.Namespace) -> None:
         # Only for the final barrier; a long timeout because shards can be unbalanced by images already done.
         dist.init_process_group("gloo", timeout=timedelta(days=7))
     pipe = _load_pipeline(args, "generate", int(os.environ.get("LOCAL_RANK", "0")))
-    options = _sampling_options(args)
+    options = {**_sampling_options(args), "num_candidates": args.num_candidates}
     # The settings an image depends on, defaults resolved, so that a rerun with other settings regenerates.
     defaults = pipe.config
     parameters = {
@@ -331,10 +337,13 @@ def generate_main(args: argparse.Namespace) -> None:
             except (ValueError, TypeError) as e:
                 raise _fail("generate", e) from None
             records = []
-            for item, image, seed in zip(batch, result.images, result.seeds):
+            for k, (item, image, seed) in enumerate(zip(batch, result.images, result.seeds)):
                 _save_png(image, out / item.file)
-                records.append({"index": item.index, "prompt": item.prompt, "seed": seed, "file": item.file,
-                                "parameters": parameters})
+                record = {"index": item.index, "prompt": item.prompt, "seed": seed, "file": item.file,
+                          "parameters": parameters}
+                if result.scores is not None:
+                    record["score"] = result.scores[k]  # the best-of-N pick's score
+                records.append(record)
             _append(manifest, records)
             bar.update(len(batch))
 
