@@ -207,6 +207,27 @@ def test_a_pipeline_can_default_to_its_base_stage(tiny_cascade, tiny_pipe, tmp_p
         dataclasses.replace(tiny_pipe.config, stages=3)
 
 
+def test_upscale_is_the_cascades_second_stage_on_any_base_size_image(tiny_cascade, tiny_pipe, monkeypatch):
+    full = tiny_cascade(["a dog", "a cat"], seed=4)
+    small = pixels(tiny_cascade(["a dog", "a cat"], seed=4, stages=1))  # the base stage's own 16 px images
+    small = torch.from_numpy(np.stack(small)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (2, 3, 16, 16) in [-1, 1]
+    up = tiny_cascade.upscale(["a dog", "a cat"], image=small, seed=4)
+    assert up.images[0].size == (32, 32) and up.tokens.shape == (2, 8, 8) and up.low_res_tokens.shape == (2, 4, 4)
+
+    # Given exactly the base stage's tokens, upscaling is the cascade's super-res stage, seed for seed.
+    monkeypatch.setattr(tiny_cascade, "_encode", lambda vqgan, images: full.low_res_tokens.clone())
+    same = tiny_cascade.upscale(["a dog", "a cat"], image=small, seed=4)
+    assert torch.equal(same.tokens, full.tokens)
+    monkeypatch.undo()
+
+    wide = tiny_cascade.upscale("a dog", image=np.zeros((16, 40, 3), np.uint8), seed=0)  # wider than the grid
+    assert wide.images[0].size == (80, 32)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        tiny_cascade.upscale("a dog", image=np.zeros((16, 18, 3), np.uint8))
+    with pytest.raises(ValueError, match="no super-resolution stage"):
+        tiny_pipe.upscale("a dog", image=small[0])
+
+
 def test_superres_steps_are_counted_separately(tiny_cascade, monkeypatch):
     forwards = count_calls(monkeypatch, tiny_cascade.superres, "forward")
     tiny_cascade("a dog", seed=0, superres_steps=2)
