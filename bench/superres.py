@@ -61,7 +61,8 @@ def bench_256_pair(high_depth: int, low_depth: int, name: str) -> Pair:
         return TransformerConfig(codebook_size=8192, grid_size=grid, width=512, depth=depth, num_heads=8,
                                  mlp_ratio=4.0, text_dim=768)
 
-    sr = SuperResConfig(high=config(32, high_depth), low_codebook_size=8192, low_grid_size=16, low_depth=low_depth)
+    sr = SuperResConfig(high=config(32, high_depth), low_codebook_size=8192, low_grid_size=16, low_depth=low_depth,
+                         aligned_low=True)
     return Pair(name, config(16, 8), sr, 77)
 
 

@@ -19,11 +19,24 @@ class SuperResConfig:
     low_codebook_size: int    # K of the low-res tokenizer
     low_grid_size: int        # h == w of the low-res grid its positions are learned for (interpolated for other sizes)
     low_depth: int = 16
+    # Also add each low-res token's state, through a zero-initialised projection, to the input of the high-res tokens
+    # above it (not in Muse, which relies on cross-attention alone). Cross-attention must *learn* which low-res token
+    # lies under a high-res one; this wiring gives it for free, and small budgets do not learn it otherwise. Our
+    # presets turn it on; the default stays off so that a config saved without the key keeps its architecture.
+    aligned_low: bool = False
 
     def __post_init__(self) -> None:
         for name in ("low_codebook_size", "low_grid_size", "low_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.aligned_low and self.high.grid_size % self.low_grid_size:
+            raise ValueError(f"aligned_low needs the high-res grid ({self.high.grid_size}) to be a whole multiple of "
+                             f"the low-res grid ({self.low_grid_size})")
+
+    @property
+    def scale(self) -> int:
+        """High-res tokens per low-res token along each side."""
+        return self.high.grid_size // self.low_grid_size
 
     @property
     def mask_token_id(self) -> int:

@@ -2,7 +2,8 @@
 
 The low-res grid is embedded with its own 2-D positions and run through its own self-attention stack; its output,
 concatenated along the sequence with the projected text states, is the cross-attention memory of a masked transformer
-over the high-res grid. The memory is computed once per sampling call:
+over the high-res grid. With `aligned_low` (our presets), each low-res state is also projected and added to the input
+of the r x r high-res tokens above it. The memory and the aligned inputs are computed once per sampling call:
 
     context = model.context(low_tokens, text.states, text.mask)
     for step in range(num_steps):
@@ -11,6 +12,7 @@ over the high-res grid. The memory is computed once per sampling call:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -34,11 +36,15 @@ class SuperResTransformer(nn.Module):
             for _ in range(config.low_depth)
         )
         self.low_norm = nn.LayerNorm(high.width)
+        self.low_to_high = nn.Linear(high.width, high.width) if config.aligned_low else None
         self.high = MaskedTransformer(high)
         self._init_weights()
 
     def _init_weights(self) -> None:
         init_weights(self)
+        if self.low_to_high is not None:
+            # Zero: a fresh model starts as pure cross-attention and learns how much of the aligned path to use.
+            nn.init.zeros_(self.low_to_high.weight)
 
     def context(
         self,
@@ -62,9 +68,17 @@ class SuperResTransformer(nn.Module):
         x = self.low_drop(self.low_embedding(low_tokens) + self.low_positions(grid))  # (B, Ll, D)
         for block in self.low_blocks:
             x = block(x)
-        memory = torch.cat([self.low_norm(x), self.high.project_text(text_states)], dim=1)  # (B, Ll + S, D)
+        low = self.low_norm(x)  # (B, Ll, D)
+        memory = torch.cat([low, self.high.project_text(text_states)], dim=1)  # (B, Ll + S, D)
         low_mask = torch.ones(B, Ll, dtype=torch.bool, device=low_tokens.device)
-        return self.high.memory_context(memory, torch.cat([low_mask, text_mask], dim=1))
+        context = self.high.memory_context(memory, torch.cat([low_mask, text_mask], dim=1))
+        if self.low_to_high is None:
+            return context
+        # Each low-res state under the r x r high-res tokens it covers, row-major over the (h*r, w*r) high-res grid.
+        r, (h, w) = self.config.scale, grid
+        aligned = self.low_to_high(low).view(B, h, w, -1)  # (B, h, w, D)
+        aligned = aligned.repeat_interleave(r, dim=1).repeat_interleave(r, dim=2)  # (B, h*r, w*r, D)
+        return dataclasses.replace(context, inputs=aligned.reshape(B, h * r * w * r, -1))  # (B, Lh, D)
 
     def forward(
         self,

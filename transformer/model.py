@@ -41,6 +41,9 @@ class TextContext:
 
     layers: tuple[KeyValue, ...]  # one per block
     bias: Tensor                  # (B, 1, 1, S) additive attention bias: 0 for real keys, -inf for padding
+    # (B, L, D) added to the token embeddings, one row per grid position, or None. The super-res model puts here the
+    # state of the low-res token under each high-res token, so spatial alignment need not be learned by attention.
+    inputs: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -270,6 +273,11 @@ class MaskedTransformer(nn.Module):
             )
         h, w = resolve_grid(L, grid, self.config.grid_size)
         x = self.token_embedding(tokens) + self.positions((h, w))  # (B, L, D)
+        if context.inputs is not None:
+            if context.inputs.shape != x.shape:
+                raise ValueError(f"context.inputs must be {tuple(x.shape)} (one row per token), "
+                                 f"got {tuple(context.inputs.shape)}")
+            x = x + context.inputs
         x = self.embed_drop(x)
         for block, memory in zip(self.blocks, context.layers):
             x = block(x, memory, context.bias)

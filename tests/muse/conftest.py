@@ -28,7 +28,7 @@ BASE_CONFIG = TransformerConfig(codebook_size=16, grid_size=4, width=32, depth=1
 SUPERRES_CONFIG = SuperResConfig(
     high=TransformerConfig(codebook_size=16, grid_size=8, width=32, depth=1, num_heads=2, mlp_ratio=2.0,
                            text_dim=TEXT_DIM),
-    low_codebook_size=16, low_grid_size=4, low_depth=1,
+    low_codebook_size=16, low_grid_size=4, low_depth=1, aligned_low=True,
 )
 
 

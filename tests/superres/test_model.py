@@ -9,7 +9,7 @@ from superres.model import SuperResTransformer
 from transformer.config import TransformerConfig
 
 HIGH = TransformerConfig(codebook_size=32, grid_size=8, width=32, depth=1, num_heads=4, text_dim=24)
-CFG = SuperResConfig(high=HIGH, low_codebook_size=16, low_grid_size=4, low_depth=1)
+CFG = SuperResConfig(high=HIGH, low_codebook_size=16, low_grid_size=4, low_depth=1, aligned_low=True)
 
 
 def make_model(seed: int = 0) -> SuperResTransformer:
@@ -54,6 +54,28 @@ def test_low_res_positions_matter():
     logits = model(high, model.context(low, states, mask))
     flipped = low.view(2, 4, 4).flip(2).reshape(2, 16)  # same tokens, mirrored grid
     assert not torch.allclose(model(high, model.context(flipped, states, mask)), logits, atol=1e-4)
+
+
+@torch.no_grad()
+def test_aligned_low_res_states_sit_under_their_high_res_tokens():
+    model = make_model()
+    assert torch.count_nonzero(model.low_to_high.weight) == 0  # a fresh model starts as pure cross-attention
+    torch.nn.init.normal_(model.low_to_high.weight)
+    low, high, states, mask = make_inputs(1)
+    inputs = model.context(low, states, mask).inputs.view(8, 8, -1)  # high-res (row, col, D)
+    for i, j in [(0, 0), (1, 3), (3, 2)]:
+        block = inputs[2 * i : 2 * i + 2, 2 * j : 2 * j + 2].reshape(4, -1)  # the 2x2 high-res tokens of low (i, j)
+        assert torch.equal(block, block[:1].expand(4, -1))
+    # Changing one low-res token changes the aligned inputs mostly under it (the low-res stack mixes a little).
+    changed = low.clone()
+    changed[0, 5] = (low[0, 5] + 1) % CFG.low_codebook_size  # low-res (1, 1)
+    delta = (model.context(changed, states, mask).inputs.view(8, 8, -1) - inputs).norm(dim=-1)  # (8, 8)
+    assert delta[2:4, 2:4].min() > delta.flatten().sort().values[-5]  # its 2x2 block holds the 4 largest changes
+    # Without the aligned path there are no inputs, and the parameters are Muse's.
+    plain = SuperResTransformer(SuperResConfig(high=HIGH, low_codebook_size=16, low_grid_size=4, low_depth=1))
+    assert plain.context(low, states, mask).inputs is None and plain.low_to_high is None
+    with pytest.raises(ValueError, match="whole multiple"):
+        SuperResConfig(high=HIGH, low_codebook_size=16, low_grid_size=3, aligned_low=True)
 
 
 @torch.no_grad()
