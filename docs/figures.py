@@ -57,7 +57,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def grid(rows: list[list[np.ndarray]], labels: list[str] | None = None, pad: int = 2) -> Image.Image:
     """Rows of equally sized (H, W, 3) uint8 images -> one picture, with an optional label left of each row."""
     h, w = rows[0][0].shape[:2]
-    label_w = 0 if not labels else 8 * max(len(s) for s in labels) + 8
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 0 if not labels else int(max(measure.textlength(s) for s in labels)) + 12
     canvas = Image.new("RGB", (label_w + len(rows[0]) * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
     for i, row in enumerate(rows):
