@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inpaint": ("muse.generate", "regenerate the white part of a mask in an image"),
     "outpaint": ("muse.generate", "extend an image by pixels on any side"),
     "edit": ("muse.generate", "re-mask part of an image's tokens and resample under a new prompt"),
+    "upscale": ("muse.generate", "super-resolve an image with the super-res stage alone"),
     "train": ("muse.train.run", "train a stage from a YAML preset (vqgan, transformer or superres)"),
     "assemble": ("muse.assemble", "write a pipeline directory from a transformer run and an optional super-res run"),
     "eval": ("muse.evaluate", "evaluate a model: reconstruction, prompt fidelity, Frechet distance, inpainting"),

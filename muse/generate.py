@@ -1,4 +1,4 @@
-"""`muse generate`, `muse inpaint`, `muse outpaint`, `muse edit`: the pipeline from the command line.
+"""`muse generate`, `muse inpaint`, `muse outpaint`, `muse edit`, `muse upscale`: the pipeline from the command line.
 
     muse generate "a red apple" --num-images 4 --seed 0 --steps 24 --guidance 4 --out out/ [--model PATH]
     muse generate --prompts prompts.txt --batch-size 16 --out out/          # one prompt per line
@@ -7,6 +7,7 @@
     muse inpaint "a dog face" --image in.png --mask mask.png                # white = regenerate
     muse outpaint "a sunny sky" --image in.png --pad 0,0,64,0               # left,top,right,bottom pixels
     muse edit "a green apple" --image in.png --strength 0.5
+    muse upscale "a red apple" --image apple-64.png                         # the super-res stage alone: 2x
 
 Options carry the Python API's names (`--num-steps`, `--guidance-scale`, ...; `--steps` and `--guidance` are short
 forms). `muse generate` treats `--out` as one run: image k (prompt k // num_images, seed `--seed` + k) is written to
@@ -63,12 +64,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "single prompt: with --num-images N > 1, NAME-0.png ... NAME-{N-1}.png")
 
 
-def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_sampling_arguments(parser: argparse.ArgumentParser, base_stage: bool = True) -> None:
+    """The sampling options; without `base_stage` (upscale runs the super-res stage alone) no base steps or stages."""
     parser.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the first image; image k gets seed + k (default: random, recorded)")
-    parser.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=None, metavar="N",
-                        help="base-stage decoding steps (default: the model's)")
+    if base_stage:
+        parser.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=None, metavar="N",
+                            help="base-stage decoding steps (default: the model's)")
     parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=None,
                         metavar="S",
                         help="classifier-free guidance scale; <= 1 turns guidance off (default: the model's)")
@@ -78,8 +81,9 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the token draws")
     parser.add_argument("--top-k", type=int, default=None, help="draw tokens from the k most likely only")
     parser.add_argument("--top-p", type=float, default=None, help="draw tokens from the top-p nucleus only")
-    parser.add_argument("--stages", type=int, default=None, choices=(1, 2),
-                        help="1: base stage only; 2: with super-resolution (default: every stage the model has)")
+    if base_stage:
+        parser.add_argument("--stages", type=int, default=None, choices=(1, 2),
+                            help="1: base stage only; 2: with super-resolution (default: every stage the model has)")
     parser.add_argument("--superres-steps", type=int, default=None, metavar="N",
                         help="super-resolution decoding steps (default: the model's)")
 
@@ -113,6 +117,14 @@ def add_outpaint_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser)
 
 
+def add_upscale_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt")
+    parser.add_argument("--image", required=True, type=Path, help="an image at the base stage's resolution (64 px "
+                        "for the bundled model; larger sides in multiples of its token size are decoded in windows)")
+    _add_sampling_arguments(parser, base_stage=False)
+    _add_model_arguments(parser)
+
+
 def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt")
     parser.add_argument("--image", required=True, type=Path)
@@ -135,19 +147,13 @@ def _parse_pad(text: str) -> tuple[int, int, int, int]:
     return pad
 
 
+SAMPLING_OPTIONS = ("num_steps", "guidance_scale", "guidance_schedule", "negative_prompt", "temperature", "top_k",
+                    "top_p", "stages", "superres_steps")
+
+
 def _sampling_options(args: argparse.Namespace) -> dict:
-    """The pipeline keyword arguments the command line sets, under the API's names."""
-    return {
-        "num_steps": args.num_steps,
-        "guidance_scale": args.guidance_scale,
-        "guidance_schedule": args.guidance_schedule,
-        "negative_prompt": args.negative_prompt,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "stages": args.stages,
-        "superres_steps": args.superres_steps,
-    }
+    """The pipeline keyword arguments the command line sets, under the API's names (those the command has)."""
+    return {name: getattr(args, name) for name in SAMPLING_OPTIONS if hasattr(args, name)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -377,6 +383,10 @@ def inpaint_main(args: argparse.Namespace) -> None:
 
 def outpaint_main(args: argparse.Namespace) -> None:
     _run_image_task(args, "outpaint", {"pad": args.pad})
+
+
+def upscale_main(args: argparse.Namespace) -> None:
+    _run_image_task(args, "upscale", {})
 
 
 def edit_main(args: argparse.Namespace) -> None:

@@ -122,6 +122,21 @@ def test_inpaint_outpaint_edit_commands(tiny_pipeline_dir, tmp_path, capsys):
         assert name in printed
 
 
+def test_upscale_command_doubles_an_image_with_the_cascade(tiny_cascade, tiny_pipeline_dir, tmp_path, capsys):
+    tiny_cascade.save_pretrained(tmp_path / "cascade")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(tmp_path / "s.png")
+    run("upscale", "a dog", "--image", tmp_path / "s.png", "--seed", 2, "--superres-steps", 2, "--out",
+        tmp_path / "big.png", "--model", tmp_path / "cascade")
+    expected = tiny_cascade.upscale("a dog", image=tmp_path / "s.png", seed=2, superres_steps=2).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "big.png")), np.asarray(expected))
+    assert expected.size == (48, 32) and "big.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="muse upscale: this pipeline has no super-resolution stage"):
+        run("upscale", "a dog", "--image", tmp_path / "s.png", "--out", tmp_path / "x.png", "--model",
+            tiny_pipeline_dir)
+    with pytest.raises(SystemExit):  # the base stage does not run: no --steps
+        run("upscale", "a dog", "--image", tmp_path / "s.png", "--steps", 3, "--model", tmp_path / "cascade")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["outpaint", "x", "--image", "IMG", "--pad", "0,0,6,0"], "muse outpaint: pad (0, 0, 6, 0) must be multiples of 4"),
     (["edit", "x", "--image", "IMG", "--strength", "2"], r"muse edit: strength must be a number in [0, 1]"),
