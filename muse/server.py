@@ -7,10 +7,12 @@ Endpoints (JSON in, JSON out; images travel as base64-encoded PNG):
     POST /inpaint   {"prompt": ..., "image": <png>, "mask": <png, white = regenerate>, ...}
     POST /outpaint  {"prompt": ..., "image": <png>, "pad": [left, top, right, bottom], ...}
     POST /edit      {"prompt": ..., "image": <png>, "strength": 0.5, ...}
+    POST /upscale   {"prompt": ..., "image": <png at the base resolution>, ...}    (the super-res stage alone)
 
-Every response to a POST is {"images": [<png>, ...], "seeds": [...]}. The option names are the Python API's
-(`num_images`, `num_steps`, `guidance_scale`, `guidance_schedule`, `negative_prompt`, `seed`, `temperature`,
-`top_k`, `top_p`, `stages`, `superres_steps`; `/edit` also `strength`, `iterations`, `mode`); an unknown option, a bad image or a
+Every response to a POST is {"images": [<png>, ...], "seeds": [...]}, plus "scores" for best-of-N. The option names
+are the Python API's (`num_images`, `num_steps`, `guidance_scale`, `guidance_schedule`, `negative_prompt`, `seed`,
+`temperature`, `top_k`, `top_p`, `stages`, `superres_steps`; `/generate` also `num_candidates`; `/edit` also
+`strength`, `iterations`, `mode`; `/upscale` neither `num_steps` nor `stages`); an unknown option, a bad image or a
 value the pipeline rejects gets a 400 with {"error": "..."} naming the problem.
 
 Requests are served by threads but run through the model one at a time: a CPU already spends both cores on one
@@ -39,10 +41,12 @@ SAMPLING_OPTIONS = {"num_images", "num_steps", "guidance_scale", "guidance_sched
                     "temperature", "top_k", "top_p", "stages", "superres_steps"}
 # endpoint -> (pipeline method, options it takes besides `prompt`, options that are images)
 ENDPOINTS: dict[str, tuple[str, set[str], set[str]]] = {
-    "/generate": ("__call__", SAMPLING_OPTIONS, set()),
+    "/generate": ("__call__", SAMPLING_OPTIONS | {"num_candidates"}, set()),
     "/inpaint": ("inpaint", SAMPLING_OPTIONS | {"image", "mask"}, {"image", "mask"}),
     "/outpaint": ("outpaint", SAMPLING_OPTIONS | {"image", "pad"}, {"image"}),
     "/edit": ("edit", SAMPLING_OPTIONS | {"image", "strength", "iterations", "mode"}, {"image"}),
+    # The super-res stage alone: no base-stage steps, no choice of stages.
+    "/upscale": ("upscale", SAMPLING_OPTIONS - {"num_steps", "stages"} | {"image"}, {"image"}),
 }
 
 
@@ -84,7 +88,10 @@ def handle(pipe: Any, endpoint: str, body: dict) -> dict:
         out = getattr(pipe, method)(body["prompt"], **options)
     except (ValueError, TypeError) as e:
         raise RequestError(str(e)) from None
-    return {"images": [encode_png(im) for im in out.images], "seeds": [int(s) for s in out.seeds]}
+    reply = {"images": [encode_png(im) for im in out.images], "seeds": [int(s) for s in out.seeds]}
+    if getattr(out, "scores", None) is not None:
+        reply["scores"] = [float(s) for s in out.scores]  # best-of-N: the chosen candidates' scores
+    return reply
 
 
 def make_server(pipe: Any, host: str = "127.0.0.1", port: int = 8000, model_name: str = "") -> ThreadingHTTPServer:

@@ -53,6 +53,27 @@ def test_every_endpoint_runs_the_pipeline(served, tiny_pipe):
     assert status == 200 and np.array_equal(decode_png(out["images"][0]), np.asarray(expected.images[0]))
 
 
+def test_upscale_and_best_of_n_are_served(served, tiny_cascade):
+    status, out = post(served, "/generate", {"prompt": "a dog", "seed": 2, "num_steps": 2, "num_candidates": 3})
+    assert status == 200 and len(out["scores"]) == 1
+    image = encode_png(Image.new("RGB", (16, 16), "red"))
+    status, out = post(served, "/upscale", {"prompt": "a dog", "image": image})
+    assert status == 400 and "no super-resolution stage" in out["error"]
+    cascade = make_server(tiny_cascade, port=0)
+    thread = threading.Thread(target=cascade.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, out = post(cascade, "/upscale", {"prompt": "a dog", "image": image, "seed": 1, "superres_steps": 2})
+        assert status == 200 and decode_png(out["images"][0]).shape == (32, 32, 3)
+        expected = tiny_cascade.upscale("a dog", image=Image.new("RGB", (16, 16), "red"), seed=1, superres_steps=2)
+        assert np.array_equal(decode_png(out["images"][0]), np.asarray(expected.images[0]))
+        status, out = post(cascade, "/upscale", {"prompt": "a dog", "image": image, "num_steps": 3})
+        assert status == 400 and "unknown option(s) for /upscale: num_steps" in out["error"]
+    finally:
+        cascade.shutdown()
+        cascade.server_close()
+
+
 def test_pipeline_errors_become_400s(served):
     image = encode_png(Image.new("RGB", (16, 16)))
     status, out = post(served, "/outpaint", {"prompt": "sky", "image": image, "pad": [0, 3, 0, 0]})
