@@ -118,7 +118,7 @@ def broadcast_from_main(module: nn.Module, rt: Runtime) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
-def init_weights(model: nn.Module, path: str | Path) -> None:
+def start_from_weights(model: nn.Module, path: str | Path) -> None:
     """Start `model` from the weights saved in the directory `path` (`model.safetensors`, any float dtype): every
     tensor must exist with the same shape, else ValueError naming it. Only the weights are taken; optimiser, schedule
     and step start fresh, and settings without weights (dropout) come from the run's own config."""

@@ -27,9 +27,9 @@ from muse.train.common import (
     build_optimizer,
     build_scheduler,
     evaluating,
-    init_weights,
     mean_across_ranks,
     setup,
+    start_from_weights,
     step_optimizer,
     teardown,
     wrap_ddp,
@@ -73,7 +73,7 @@ def train_masked_stage(cfg: TransformerRun | SuperResRun, stage: MaskedStage, re
     # Model and EMA copy (taken after DDP has given every rank rank 0's weights).
     model = stage.build().to(rt.device)
     if cfg.train.init_from and not saved:
-        init_weights(model, cfg.train.init_from)
+        start_from_weights(model, cfg.train.init_from)
     net = wrap_ddp(stage.wrap(model), rt)
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     optimizer = build_optimizer(model, cfg.train)
