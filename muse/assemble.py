@@ -97,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--superres-steps", type=int, default=defaults.superres_steps)
     parser.add_argument("--stages", type=int, choices=(1, 2), default=None,
                         help="stages a call runs by default (default: every stage the pipeline has)")
+    parser.add_argument("--num-candidates", type=int, default=defaults.num_candidates,
+                        help="best-of-N by default: candidates per image, the scorer's best kept (1: off)")
     parser.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
                         help="storage dtype of the weights on disk (float16: half the size; loaded back as float32)")
     parser.add_argument("--scorer", type=Path, default=None,
@@ -107,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = replace(PipelineConfig(), num_steps=args.num_steps, guidance_scale=args.guidance_scale,
                          guidance_schedule=args.guidance_schedule, superres_steps=args.superres_steps,
-                         stages=args.stages)
+                         stages=args.stages, num_candidates=args.num_candidates)
         pipe = assemble(args.transformer_run, args.superres_run, config)
     except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         raise SystemExit(f"muse assemble: {e}") from None

@@ -225,7 +225,9 @@ def _setting(
     guidance_scale: float,
 ) -> Setting:
     start = time.perf_counter()
-    options = {"num_steps": num_steps, "guidance_scale": guidance_scale, "stages": config.stages}
+    # One candidate per image whatever the pipeline's default: the grid measures single samples; best-of-N has its
+    # own comparison below.
+    options = {"num_steps": num_steps, "guidance_scale": guidance_scale, "stages": config.stages, "num_candidates": 1}
     images = _generate(pipe, split.captions, config, **options)
     generated = features(images).cpu()
     fd = None if real_features is None else frechet_distance(real_features, generated)

@@ -93,9 +93,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                         help="text file with one prompt per line (blank lines are skipped)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass")
-    parser.add_argument("--num-candidates", "--candidates", dest="num_candidates", type=int, default=1, metavar="N",
+    parser.add_argument("--num-candidates", "--candidates", dest="num_candidates", type=int, default=None, metavar="N",
                         help="best-of-N: make N candidates per image and keep the one the model's prompt scorer "
-                             "rates best (its log-likelihood when it has no scorer); the score is printed / recorded")
+                             "rates best (its log-likelihood when it has no scorer); the score is printed / recorded "
+                             "(default: the model's; 1 turns it off)")
     _add_sampling_arguments(parser)
     _add_model_arguments(parser)
 
@@ -288,7 +289,7 @@ def generate_main(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     prompts = _read_prompts(args)
-    if args.batch_size < 1 or args.num_images < 1 or args.num_candidates < 1:
+    if args.batch_size < 1 or args.num_images < 1 or (args.num_candidates is not None and args.num_candidates < 1):
         raise SystemExit("muse generate: --batch-size, --num-images and --num-candidates must be >= 1")
     targets = _file_targets(args.out, args.num_images)
     if targets is not None:  # one prompt straight to image files: no manifest, nothing to resume
@@ -319,6 +320,7 @@ def generate_main(args: argparse.Namespace) -> None:
         "guidance_scale": defaults.guidance_scale if options["guidance_scale"] is None else options["guidance_scale"],
         "guidance_schedule": options["guidance_schedule"] or defaults.guidance_schedule,
         "superres_steps": options["superres_steps"] or defaults.superres_steps,
+        "num_candidates": options["num_candidates"] or defaults.num_candidates,
         "model": str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model,
     }
     out = args.out

@@ -108,9 +108,10 @@ class PipelineConfig:
     window_overlap: float = 0.5         # large canvases: fraction of the model's grid shared by neighbouring windows
     stages: int | None = None           # stages a call runs when it does not say: 1 = base only, 2 = with super-res,
                                         # None = every stage the pipeline has
+    num_candidates: int = 1             # best-of-N when a call does not say: candidates per image, the best kept
 
     def __post_init__(self) -> None:
-        for name in ("num_steps", "superres_steps"):
+        for name in ("num_steps", "superres_steps", "num_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.guidance_schedule not in GUIDANCE_SCHEDULES:
@@ -415,7 +416,7 @@ class MusePipeline:
         top_p: float | None = None,
         stages: int | None = None,
         superres_steps: int | None = None,
-        num_candidates: int = 1,
+        num_candidates: int | None = None,
         scorer: Scorer | None = None,
     ) -> PipelineOutput:
         """Generate `num_images` images per prompt. Options left None take the pipeline's defaults (`self.config`).
@@ -425,11 +426,12 @@ class MusePipeline:
         prompt) replaces the empty prompt in guidance's unconditional branch. `stages=1` stops after the base stage.
 
         `num_candidates` > 1 makes that many candidates per image and keeps the best by `scorer` (None: `self.scorer`,
-        else the model's mean token log-probability); see the module docstring for the candidates' seeds.
+        else the model's mean token log-probability); see the module docstring for the candidates' seeds. None takes
+        `config.num_candidates`, so a pipeline can pick the best of N by default.
         `PipelineOutput.scores` records the chosen candidates' scores.
         """
         prompts = _prompt_list(prompt)
-        n = _check_int(num_candidates, "num_candidates")
+        n = self.config.num_candidates if num_candidates is None else _check_int(num_candidates, "num_candidates")
         job = self._job(prompts, num_images, negative_prompt, seed, num_steps, guidance_scale, guidance_schedule,
                         temperature, top_k, top_p, stages, superres_steps)
         if n > 1:

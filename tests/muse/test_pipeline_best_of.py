@@ -61,6 +61,21 @@ def test_one_candidate_is_plain_generation(tiny_pipe):
     assert one.scores is None and plain.scores is None
 
 
+def test_a_pipeline_can_pick_the_best_of_n_by_default(tiny_pipe, tmp_path):
+    import dataclasses
+
+    picky = MusePipeline(tiny_pipe.vqgan, tiny_pipe.text_encoder, tiny_pipe.transformer,
+                         config=dataclasses.replace(tiny_pipe.config, num_candidates=3))
+    explicit = tiny_pipe("a cat", seed=2, num_candidates=3)
+    default = picky("a cat", seed=2)
+    assert torch.equal(default.tokens, explicit.tokens) and default.scores == explicit.scores
+    assert picky("a cat", seed=2, num_candidates=1).scores is None  # a call can still turn it off
+    picky.save_pretrained(tmp_path / "p")
+    assert MusePipeline.from_pretrained(tmp_path / "p").config.num_candidates == 3
+    with pytest.raises(ValueError, match="num_candidates must be >= 1"):
+        dataclasses.replace(tiny_pipe.config, num_candidates=0)
+
+
 def test_super_res_cascade_keeps_matching_low_res_tokens(tiny_cascade):
     out = tiny_cascade("a sunny sky", seed=1, num_candidates=2, scorer=brightness)
     plain = tiny_cascade("a sunny sky", seed=out.seeds[0])
