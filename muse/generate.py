@@ -11,9 +11,9 @@
 
 Options carry the Python API's names (`--num-steps`, `--guidance-scale`, ...; `--steps` and `--guidance` are short
 forms). `muse generate` treats `--out` as one run: image k (prompt k // num_images, seed `--seed` + k) is written to
-`DIR/{k:06d}.png` and recorded in `DIR/manifest.jsonl` as {"index", "prompt", "seed", "file", "parameters"}. A rerun
-skips every image whose record matches and whose file exists, so an interrupted run resumes where it stopped. Under
-torchrun each rank takes the prompts whose index is its rank modulo the world size and appends to its own
+`DIR/{k:06d}.png` and recorded in `DIR/manifest.jsonl` as {"index", "prompt", "seed", "file", "parameters"}
+(with best-of-N also "candidate_seed" and "score"). A rerun skips every image whose record matches and whose file
+exists, so an interrupted run resumes where it stopped. Under torchrun each rank takes the prompts whose index is its rank modulo the world size and appends to its own
 `manifest.part{rank}.jsonl`; at the end rank 0 merges the parts into `manifest.jsonl` (`read_manifest` reads either).
 """
 
@@ -347,10 +347,12 @@ def generate_main(args: argparse.Namespace) -> None:
             records = []
             for k, (item, image, seed) in enumerate(zip(batch, result.images, result.seeds)):
                 _save_png(image, out / item.file)
-                record = {"index": item.index, "prompt": item.prompt, "seed": seed, "file": item.file,
-                          "parameters": parameters}
+                # The image's own seed (what a rerun with these parameters asks for); with best-of-N also the chosen
+                # candidate's seed, which remakes the image alone with --num-candidates 1.
+                record = {"index": item.index, "prompt": item.prompt, "seed": seed if item.seed is None else item.seed,
+                          "file": item.file, "parameters": parameters}
                 if result.scores is not None:
-                    record["score"] = result.scores[k]  # the best-of-N pick's score
+                    record["candidate_seed"], record["score"] = seed, result.scores[k]
                 records.append(record)
             _append(manifest, records)
             bar.update(len(batch))

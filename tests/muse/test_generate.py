@@ -189,7 +189,13 @@ def test_num_candidates_picks_the_best_of_n_and_records_its_score(tiny_pipeline_
         "--out", tmp_path / "out", "--model", tiny_pipeline_dir)
     records = read_manifest(tmp_path / "out")
     assert records[0]["score"] == pytest.approx(expected.scores[0])
+    assert records[0]["seed"] == 5 and records[0]["candidate_seed"] == expected.seeds[0]
     assert records[1]["parameters"]["num_candidates"] == 3
+    alone = MusePipeline.from_pretrained(tiny_pipeline_dir)("a red apple", seed=expected.seeds[0], num_steps=2)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "000000.png")), np.asarray(alone.images[0]))
+    run("generate", "--prompts", tmp_path / "prompts.txt", "--candidates", 3, "--seed", 5, "--steps", 2,
+        "--out", tmp_path / "out", "--model", tiny_pipeline_dir)
+    assert "0 new, 2 already done" in capsys.readouterr().out  # best-of-N runs resume too
 
     with pytest.raises(SystemExit, match="--num-candidates must be >= 1"):
         run("generate", "x", "--num-candidates", 0, "--out", tmp_path / "o", "--model", tiny_pipeline_dir)
