@@ -13,8 +13,9 @@ Options carry the Python API's names (`--num-steps`, `--guidance-scale`, ...; `-
 forms). `muse generate` treats `--out` as one run: image k (prompt k // num_images, seed `--seed` + k) is written to
 `DIR/{k:06d}.png` and recorded in `DIR/manifest.jsonl` as {"index", "prompt", "seed", "file", "parameters"}
 (with best-of-N also "candidate_seed" and "score"). A rerun skips every image whose record matches and whose file
-exists, so an interrupted run resumes where it stopped. Under torchrun each rank takes the prompts whose index is its rank modulo the world size and appends to its own
-`manifest.part{rank}.jsonl`; at the end rank 0 merges the parts into `manifest.jsonl` (`read_manifest` reads either).
+exists, so an interrupted run resumes where it stopped. Under torchrun each rank takes the prompts whose index is its
+rank modulo the world size and appends to its own `manifest.part{rank}.jsonl`; at the end rank 0 merges the parts into
+`manifest.jsonl` (`read_manifest` reads either).
 """
 
 from __future__ import annotations
