@@ -173,14 +173,11 @@ def superres(args: argparse.Namespace) -> dict:
     rows = [[np.asarray(b), np.asarray(s)] for b, s in zip(bicubic, out.images)]
     # Columns: bicubic | super-res, one pair per prompt, laid out in one row of pairs.
     figure = grid([[a for pair in rows for a in pair]])
-    result = save(figure, args.out or DOCS / "superres.png", {
+    return save(figure, args.out or DOCS / "superres.png", {
         "command": f"pipe(prompts, seed={args.seed}, stages=2)", "model": args.model or "bundled default",
         "prompts": prompts, "layout": "for each prompt: base 64 px upscaled bicubic, then super-res output",
-        "low_resolution": int(low.shape[-1]), "high_resolution": high,
+        "low_resolution": int(low.shape[-1]), "high_resolution": high, "real": superres_on_real(pipe, args),
     })
-    result["real"] = superres_on_real(pipe, args)
-    (DOCS.parent / result["figure"]).with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def superres_on_real(pipe, args: argparse.Namespace) -> dict:

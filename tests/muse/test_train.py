@@ -94,6 +94,20 @@ def test_vqgan_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, monkeyp
         assert (tmp_path / "straight" / "vqgan" / name).read_bytes() == (tmp_path / "resumed" / "vqgan" / name).read_bytes()
 
 
+def test_vqgan_init_from_starts_from_the_saved_weights(tmp_path):
+    from vqgan.model import VQGAN
+
+    data = write_image_folder(tmp_path / "data")
+    first = vqgan_trainer.train(tiny_vqgan_cfg(data, tmp_path / "first", "train.steps=1"))
+    # lr 0: the optimiser cannot move the parameters, so they must be those the run started from. (The codebook is a
+    # buffer updated by EMA, not by the optimiser, so it moves even at lr 0.)
+    second = vqgan_trainer.train(tiny_vqgan_cfg(data, tmp_path / "second", "train.steps=1", "train.lr=0",
+                                                f"train.init_from={first}"))
+    a = dict(VQGAN.from_pretrained(first).named_parameters())
+    b = dict(VQGAN.from_pretrained(second).named_parameters())
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 def test_truncated_checkpoint_raises_a_clear_error(tmp_path):
     data = write_image_folder(tmp_path / "data")
     cfg = tiny_vqgan_cfg(data, tmp_path / "run", "train.steps=1")
