@@ -24,6 +24,11 @@ class SuperResConfig:
     # lies under a high-res one; this wiring gives it for free, and small budgets do not learn it otherwise. Our
     # presets turn it on; the default stays off so that a config saved without the key keeps its architecture.
     aligned_low: bool = False
+    # With aligned_low: project each low-res state to r x r vectors, one for each high-res token it covers (a learned
+    # pixel shuffle), instead of one vector shared by all r x r. Shared, only the position embeddings tell the four
+    # tokens of a block apart, and the layers must learn "which quarter of this low-res patch am I" for every patch
+    # content; per sub-position, the projection hands each token its own quarter directly.
+    aligned_subpositions: bool = False
 
     def __post_init__(self) -> None:
         for name in ("low_codebook_size", "low_grid_size", "low_depth"):
@@ -32,6 +37,8 @@ class SuperResConfig:
         if self.aligned_low and self.high.grid_size % self.low_grid_size:
             raise ValueError(f"aligned_low needs the high-res grid ({self.high.grid_size}) to be a whole multiple of "
                              f"the low-res grid ({self.low_grid_size})")
+        if self.aligned_subpositions and not self.aligned_low:
+            raise ValueError("aligned_subpositions refines the aligned_low path; set aligned_low: true as well")
 
     @property
     def scale(self) -> int:

@@ -3,7 +3,8 @@
 The low-res grid is embedded with its own 2-D positions and run through its own self-attention stack; its output,
 concatenated along the sequence with the projected text states, is the cross-attention memory of a masked transformer
 over the high-res grid. With `aligned_low` (our presets), each low-res state is also projected and added to the input
-of the r x r high-res tokens above it. The memory and the aligned inputs are computed once per sampling call:
+of the r x r high-res tokens above it (with `aligned_subpositions`, through a different projection for each of the
+r x r). The memory and the aligned inputs are computed once per sampling call:
 
     context = model.context(low_tokens, text.states, text.mask)
     for step in range(num_steps):
@@ -36,7 +37,9 @@ class SuperResTransformer(nn.Module):
             for _ in range(config.low_depth)
         )
         self.low_norm = nn.LayerNorm(high.width)
-        self.low_to_high = nn.Linear(high.width, high.width) if config.aligned_low else None
+        # One output vector per covered high-res token with aligned_subpositions, else one shared by the r x r block.
+        per_low = config.scale**2 if config.aligned_subpositions else 1
+        self.low_to_high = nn.Linear(high.width, per_low * high.width) if config.aligned_low else None
         self.high = MaskedTransformer(high)
         self._init_weights()
 
@@ -75,10 +78,11 @@ class SuperResTransformer(nn.Module):
         if self.low_to_high is None:
             return context
         # Each low-res state under the r x r high-res tokens it covers, row-major over the (h*r, w*r) high-res grid.
-        r, (h, w) = self.config.scale, grid
-        aligned = self.low_to_high(low).view(B, h, w, -1)  # (B, h, w, D)
-        aligned = aligned.repeat_interleave(r, dim=1).repeat_interleave(r, dim=2)  # (B, h*r, w*r, D)
-        return dataclasses.replace(context, inputs=aligned.reshape(B, h * r * w * r, -1))  # (B, Lh, D)
+        r, (h, w), D = self.config.scale, grid, low.shape[-1]
+        k = r if self.config.aligned_subpositions else 1  # k x k distinct vectors per low-res token
+        aligned = self.low_to_high(low).view(B, h, w, k, k, D).expand(B, h, w, r, r, D)  # (B, h, w, dy, dx, D)
+        aligned = aligned.permute(0, 1, 3, 2, 4, 5)  # (B, h, dy, w, dx, D): high-res row h*r+dy, column w*r+dx
+        return dataclasses.replace(context, inputs=aligned.reshape(B, h * r * w * r, D))  # (B, Lh, D)
 
     def forward(
         self,

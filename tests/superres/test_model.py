@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -76,6 +77,33 @@ def test_aligned_low_res_states_sit_under_their_high_res_tokens():
     assert plain.context(low, states, mask).inputs is None and plain.low_to_high is None
     with pytest.raises(ValueError, match="whole multiple"):
         SuperResConfig(high=HIGH, low_codebook_size=16, low_grid_size=3, aligned_low=True)
+
+
+@torch.no_grad()
+def test_aligned_subpositions_give_each_covered_token_its_own_vector():
+    shared = make_model()
+    torch.nn.init.normal_(shared.low_to_high.weight)
+    torch.nn.init.normal_(shared.low_to_high.bias)
+    torch.manual_seed(0)
+    model = SuperResTransformer(dataclasses.replace(CFG, aligned_subpositions=True)).eval()
+    assert model.low_to_high.weight.shape == (4 * HIGH.width, HIGH.width)
+    low, high, states, mask = make_inputs(1)
+    # The shared projection repeated once per sub-position is the same function: a shared-path model converts exactly.
+    state = {k: v for k, v in shared.state_dict().items() if not k.startswith("low_to_high.")}
+    model.load_state_dict(state, strict=False)
+    model.low_to_high.weight.copy_(shared.low_to_high.weight.repeat(4, 1))
+    model.low_to_high.bias.copy_(shared.low_to_high.bias.repeat(4))
+    assert torch.allclose(model(high, model.context(low, states, mask)), shared(high, shared.context(low, states, mask)))
+    # Sub-position (dy, dx) of low-res token (i, j) is high-res token (2i + dy, 2j + dx), from its own slice.
+    torch.nn.init.normal_(model.low_to_high.weight)
+    inputs = model.context(low, states, mask).inputs.view(8, 8, -1)  # high-res (row, col, D)
+    projected = model.low_to_high(model.low_norm(model.low_blocks[0](
+        model.low_embedding(low) + model.low_positions((4, 4))))).view(4, 4, 2, 2, -1)  # (i, j, dy, dx, D)
+    for i, j, dy, dx in [(0, 0, 0, 1), (1, 3, 1, 0), (3, 2, 1, 1)]:
+        assert torch.allclose(inputs[2 * i + dy, 2 * j + dx], projected[i, j, dy, dx], atol=1e-6)
+    assert not torch.allclose(inputs[0, 0], inputs[0, 1])
+    with pytest.raises(ValueError, match="set aligned_low"):
+        SuperResConfig(high=HIGH, low_codebook_size=16, low_grid_size=4, aligned_subpositions=True)
 
 
 @torch.no_grad()
