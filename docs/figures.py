@@ -3,7 +3,8 @@
     python docs/figures.py recon --vqgan runs/vqgan-emoji-f8/vqgan --data data/emoji            # docs/vqgan-recon.png
     python docs/figures.py generate --model DIR                      # docs/generated.png: 12 prompts x 4 seeds
     python docs/figures.py superres --model DIR                      # docs/superres.png: bicubic 64 px vs super-res
-                                                                     # and docs/superres-real.png on real images
+                                                                     # and docs/superres-real.png on real images;
+                                                                     # --scorer DIR: a judge for its prompt scores
     python docs/figures.py edit --model DIR                          # docs/inpaint.png, docs/outpaint.png
     python docs/figures.py curves --run runs/transformer-emoji-base  # docs/transformer-emoji-base-val.png
 
@@ -138,6 +139,7 @@ def pil_rows(images: list[Image.Image], per_row: int) -> list[list[np.ndarray]]:
 
 def save(image: Image.Image, out: Path, result: dict) -> dict:
     """Write the figure and, beside it, the numbers measured for it (paths relative to the repository)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     result["figure"] = os.path.relpath(out, DOCS.parent)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -165,6 +167,12 @@ def superres(args: argparse.Namespace) -> dict:
     pipe = load_pipeline(args.model)
     if pipe.superres is None:
         raise SystemExit("this pipeline has no super-resolution stage")
+    if args.scorer:
+        from muse.scorer import PromptScorer  # after load_pipeline put the repository on the path
+
+        scorer = PromptScorer.load(args.scorer)
+    else:
+        scorer = pipe.scorer
     prompts = HELDOUT_PROMPTS
     out = pipe(prompts, seed=args.seed, stages=2)
     high = out.images[0].size[0]
@@ -176,15 +184,39 @@ def superres(args: argparse.Namespace) -> dict:
     return save(figure, args.out or DOCS / "superres.png", {
         "command": f"pipe(prompts, seed={args.seed}, stages=2)", "model": args.model or "bundled default",
         "prompts": prompts, "layout": "for each prompt: base 64 px upscaled bicubic, then super-res output",
-        "low_resolution": int(low.shape[-1]), "high_resolution": high, "real": superres_on_real(pipe, args),
+        "low_resolution": int(low.shape[-1]), "high_resolution": high, "scorer": args.scorer or "the model's scorer",
+        "generated": superres_on_generated(pipe, args, scorer), "real": superres_on_real(pipe, args, scorer),
     })
 
 
-def superres_on_real(pipe, args: argparse.Namespace) -> dict:
+def superres_on_generated(pipe, args: argparse.Namespace, scorer) -> dict | None:
+    """The cascade's own question on held-out captions: given the base stage's 64 px image, does the super-res stage
+    beat bicubic upscaling? One candidate per prompt (no best-of-N pick), the same base tokens for both, scored against
+    the caption: mean score, and the fraction of prompts where super-res scores higher (a paired comparison)."""
+    if scorer is None:
+        return None
+    captions = list(dict.fromkeys(r["caption"] for r in heldout_rows(args.data)))[: args.num_generated]
+    high = pipe.resolution(2)
+    bicubic_scores, superres_scores = [], []
+    for k in range(0, len(captions), 16):
+        batch = captions[k : k + 16]
+        out = pipe(batch, seed=args.seed + k, stages=2, num_candidates=1)
+        low = to_uint8(pipe.vqgan.decode(out.low_res_tokens))  # (B, 64, 64, 3): the base stage's image
+        bicubic = [Image.fromarray(a).resize((high, high), Image.BICUBIC) for a in low]
+        bicubic_scores.append(scorer.score(bicubic, batch))
+        superres_scores.append(scorer.score(out.images, batch))
+    b, s = torch.cat(bicubic_scores), torch.cat(superres_scores)
+    return {"prompts": len(captions), "split": "heldout", "seed": args.seed, "num_candidates": 1,
+            "bicubic of the base image": {"prompt_score": float(b.mean())},
+            "super-res of the base tokens": {"prompt_score": float(s.mean())},
+            "super-res scores higher": float((s > b).float().mean())}
+
+
+def superres_on_real(pipe, args: argparse.Namespace, scorer) -> dict:
     """The super-res stage alone on real held-out images, free of the base stage's mistakes: each 64 px image is
     tokenized and upscaled (`pipe.upscale`), against bicubic upscaling of the same 64 px image and of its VQGAN
     reconstruction (what bicubic gets from the same tokens). Measured against the real 128 px image: PSNR, and prompt
-    fidelity by the pipeline's scorer (mean score of the caption; the real 128 px image's is the reference)."""
+    fidelity by `scorer` (mean score of the caption; the real 128 px image's is the reference)."""
     rows = heldout_rows(args.data, limit=args.num_real)
     low_size, high_size = pipe.resolution(1), pipe.resolution(2)
     real_low, real_high = load_images(args.data, rows, low_size), load_images(args.data, rows, high_size)
@@ -201,7 +233,6 @@ def superres_on_real(pipe, args: argparse.Namespace) -> dict:
             pipe.high_vqgan.encode(real_high)),
     }
     truth = to_uint8(real_high)
-    scorer = pipe.scorer
     measured = {}
     for name, x in variants.items():
         pixels = to_uint8(x)
@@ -217,6 +248,7 @@ def superres_on_real(pipe, args: argparse.Namespace) -> dict:
     figure = grid([list(truth[:8]), list(to_uint8(variants[names[0]][:8])), list(to_uint8(variants[names[2]][:8])),
                    list(to_uint8(variants[names[3]][:8]))])
     out = (args.out or DOCS / "superres.png").with_name("superres-real.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
     figure.save(out)
     return {"images": len(rows), "split": "heldout", "captions_from": "the dataset (the scorer's training split "
             "excludes these pairs)", "seed": args.seed, "measured": measured, "figure": os.path.relpath(out, DOCS.parent),
@@ -348,6 +380,10 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--data", type=Path, default=Path("data/emoji"))
         if name == "superres":
             p.add_argument("--num-real", type=int, default=128, help="held-out images for the real-image comparison")
+            p.add_argument("--num-generated", type=int, default=64,
+                           help="held-out captions for the cascade's bicubic vs super-res comparison")
+            p.add_argument("--scorer", default=None,
+                           help="prompt scorer directory for both comparisons (default: the model's own)")
         if name == "edit":
             p.add_argument("--image", default="{size}/noto/red-apple.png", help="an emoji of the dataset")
             p.add_argument("--inpaint-prompts", nargs="+",
