@@ -62,7 +62,7 @@ def bench_256_pair(high_depth: int, low_depth: int, name: str) -> Pair:
                                  mlp_ratio=4.0, text_dim=768)
 
     sr = SuperResConfig(high=config(32, high_depth), low_codebook_size=8192, low_grid_size=16, low_depth=low_depth,
-                         aligned_low=True)
+                         aligned_low=True, aligned_subpositions=True)
     return Pair(name, config(16, 8), sr, 77)
 
 
