@@ -49,6 +49,14 @@ class TextContext:
     def batch_size(self) -> int:
         return self.bias.shape[0]
 
+    def select(self, rows: Tensor) -> TextContext:
+        """The context of the batch rows `rows` (N,) long, in that order."""
+        return TextContext(
+            tuple(KeyValue(kv.keys[rows], kv.values[rows]) for kv in self.layers),
+            self.bias[rows],
+            None if self.inputs is None else self.inputs[rows],
+        )
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection; no mask (the model is bidirectional)."""
@@ -60,13 +68,30 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, L, D) -> (B, L, D)."""
+    def forward(self, x: Tensor, queries: Tensor | None = None) -> Tensor:
+        """(B, L, D) -> (B, L, D); with `queries` (B, M) long, the output at those rows only, (B, M, D).
+
+        Keys and values always come from all L tokens; `queries` saves the query and output projections (and the
+        score rows) of the tokens whose output nobody reads.
+        """
         B, L, D = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads)  # (B, L, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+        H = self.num_heads
+        if queries is None:
+            qkv = self.qkv(x).view(B, L, 3, H, D // H)  # (B, L, 3, H, Dh)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
+        else:
+            # The fused weight's rows are [q; k; v]: k and v for every token, q for the M queried ones.
+            kv = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:]).view(B, L, 2, H, D // H)  # (B, L, 2, H, Dh)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
+            q = F.linear(gather_rows(x, queries), self.qkv.weight[:D], self.qkv.bias[:D])  # (B, M, D)
+            q = q.view(B, -1, H, D // H).transpose(1, 2)  # (B, H, M, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, H, M, Dh)
+        return self.out(y.transpose(1, 2).reshape(B, -1, D))  # (B, L | M, D)
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """(B, L, D) and (B, M) long indices into L -> (B, M, D)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class CrossAttention(nn.Module):
@@ -124,9 +149,15 @@ class Block(nn.Module):
         self.mlp = MLP(width, int(width * mlp_ratio))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, memory: KeyValue | None = None, bias: Tensor | None = None) -> Tensor:
-        """(B, L, D) -> (B, L, D). `memory` and `bias` are required exactly when the block has cross-attention."""
-        x = x + self.drop(self.attn(self.attn_norm(x)))
+    def forward(
+        self, x: Tensor, memory: KeyValue | None = None, bias: Tensor | None = None, queries: Tensor | None = None
+    ) -> Tensor:
+        """(B, L, D) -> (B, L, D), or (B, M, D) at the (B, M) `queries` rows only (every token is still attended to).
+        `memory` and `bias` are required exactly when the block has cross-attention."""
+        attended = self.attn(self.attn_norm(x), queries)  # (B, L | M, D)
+        if queries is not None:
+            x = gather_rows(x, queries)  # (B, M, D): everything after self-attention is per token
+        x = x + self.drop(attended)
         if self.cross is not None:
             if memory is None or bias is None:
                 raise ValueError("this block cross-attends: pass the memory keys/values and the key bias")
@@ -260,8 +291,8 @@ class MaskedTransformer(nn.Module):
         """Logits over the K codebook ids.
 
         tokens: (B, L) long ids in [0, K], K being the mask token; row-major over a (h, w) grid, which is `grid` or
-        else square. positions: (B, M) long indices into L; when given, only those rows get the final norm and head.
-        Returns (B, L, K), or (B, M, K) with positions.
+        else square. positions: (B, M) long indices into L; when given, the last layer (past its keys and values), the
+        final norm and the head run at those rows only. Returns (B, L, K), or (B, M, K) with positions.
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (B, L), got {tuple(tokens.shape)}")
@@ -278,13 +309,14 @@ class MaskedTransformer(nn.Module):
                 raise ValueError(f"context.inputs must be {tuple(x.shape)} (one row per token), "
                                  f"got {tuple(context.inputs.shape)}")
             x = x + context.inputs
+        if positions is not None and (positions.ndim != 2 or positions.shape[0] != B):
+            raise ValueError(f"positions must be ({B}, M), got {tuple(positions.shape)}")
         x = self.embed_drop(x)
-        for block, memory in zip(self.blocks, context.layers):
-            x = block(x, memory, context.bias)
-        if positions is not None:
-            if positions.ndim != 2 or positions.shape[0] != B:
-                raise ValueError(f"positions must be ({B}, M), got {tuple(positions.shape)}")
-            x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, M, D)
+        last = len(self.blocks) - 1
+        for i, (block, memory) in enumerate(zip(self.blocks, context.layers)):
+            # Every layer but the last feeds keys and values at all L tokens to the next; the last one's output is read
+            # only at `positions`, so it computes its queries, cross-attention and MLP there only.
+            x = block(x, memory, context.bias, positions if i == last else None)  # (B, L, D); (B, M, D) after the last
         return self.head(self.norm(x))  # (B, L | M, K)
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -73,6 +73,31 @@ def test_logits_at_positions_are_the_same_rows_of_the_full_logits():
     assert torch.allclose(picked, full.gather(1, positions[..., None].expand(-1, -1, CFG.codebook_size)), atol=1e-6)
 
 
+def test_positions_give_the_gradients_of_the_full_forward_read_at_those_rows():
+    # With positions the last layer computes queries, cross-attention and MLP at those rows only; a training loss on
+    # them must see the parameters' gradients of the full computation (padding repeats a position, as decode does).
+    model = make_model().train()
+    model.embed_drop.p = 0.0  # dropout off, but train mode, as a training step runs
+    states, mask = make_text(3)
+    tokens = make_tokens(3)
+    positions = torch.stack([torch.randperm(16)[:6] for _ in range(3)])
+    positions[:, -1] = positions[:, 0]  # a padded entry
+    targets = torch.randint(0, CFG.codebook_size, positions.shape)
+
+    def grads(restricted: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        context = model.text_context(states, mask)
+        if restricted:
+            logits = model(tokens, context, positions)
+        else:
+            logits = model(tokens, context).gather(1, positions[..., None].expand(-1, -1, CFG.codebook_size))
+        F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for restricted, full in zip(grads(True), grads(False), strict=True):
+        assert torch.allclose(restricted, full, atol=1e-6)
+
+
 @torch.no_grad()
 def test_a_context_reused_over_steps_gives_the_logits_of_a_fresh_one():
     model = make_model()
