@@ -164,6 +164,11 @@ class _Job:
     def batch_size(self) -> int:
         return len(self.prompts)
 
+    @property
+    def text_rows(self) -> list[str]:
+        """The prompt of each text-context row: B conditional rows, then B unconditional ones when guided."""
+        return self.prompts + self.negatives if self.guided else self.prompts
+
 
 def guided_logits_fn(
     model: TokenModel,
@@ -171,6 +176,7 @@ def guided_logits_fn(
     grid: tuple[int, int],
     guidance_scale: float,
     guidance_schedule: str = "constant",
+    row_keys: Sequence[str] | None = None,
 ) -> LogitsFn:
     """A `sampling.decode` logits function with classifier-free guidance on the logits.
 
@@ -179,15 +185,34 @@ def guided_logits_fn(
     logits = uncond + s * (cond - uncond). s is `guidance_scale`, or with "linear" it ramps from 1 to guidance_scale,
     reaching it at the last step (Muse). With guidance_scale <= 1, `context` holds B rows and each step is a single
     conditional forward. `grid` is the (h, w) of the token grid being decoded.
+
+    row_keys: optionally one key per context row (its prompt), equal keys meaning equal context rows. At a step where
+    every row's grid is the same -- the first step of generation, all masked -- rows with equal keys would compute the
+    same logits, so each distinct row is computed once: the unconditional branch once for the whole batch, and a
+    prompt's candidates (`num_images`, best-of-N) once for all of them.
     """
     if guidance_schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
-    if guidance_scale <= 1.0:
-        return lambda tokens, positions, step: model(tokens, context, positions, grid)
+    guided = guidance_scale > 1.0
+    distinct = _distinct_rows(row_keys, context)
+
+    def forward(tokens: Tensor, positions: Tensor) -> Tensor:
+        """The B grids (B, L) and their positions (B, M) -> logits (R, M, K) for the R context rows: B, or 2B with
+        guidance (every grid under its conditional and then its unconditional row)."""
+        if distinct is not None and bool((tokens == tokens[:1]).all()) and bool((positions == positions[:1]).all()):
+            first, inverse, rows = distinct
+            U = first.shape[0]
+            logits = model(tokens[:1].expand(U, -1), rows, positions[:1].expand(U, -1), grid)  # (U, M, K)
+            return logits[inverse]  # (R, M, K)
+        if guided:
+            tokens, positions = torch.cat([tokens, tokens]), torch.cat([positions, positions])  # (2B, L), (2B, M)
+        return model(tokens, context, positions, grid)  # (R, M, K)
+
+    if not guided:
+        return lambda tokens, positions, step: forward(tokens, positions)
 
     def logits_fn(tokens: Tensor, positions: Tensor, step: DecodeStep) -> Tensor:
-        both = model(torch.cat([tokens, tokens]), context, torch.cat([positions, positions]), grid)  # (2B, M, K)
-        cond, uncond = both.chunk(2)
+        cond, uncond = forward(tokens, positions).chunk(2)  # each (B, M, K)
         scale = guidance_scale
         if guidance_schedule == "linear":
             # Written in terms of progress, not a call count: decode skips trailing steps once every row is done.
@@ -195,6 +220,29 @@ def guided_logits_fn(
         return uncond + scale * (cond - uncond)
 
     return logits_fn
+
+
+def _distinct_rows(
+    row_keys: Sequence[str] | None, context: TextContext
+) -> tuple[Tensor, Tensor, TextContext] | None:
+    """For `guided_logits_fn`: the first row of each distinct key (U,), each row's index into those (R,), and the
+    context of those U rows; None without keys or when every key differs."""
+    if row_keys is None:
+        return None
+    if len(row_keys) != context.batch_size:
+        raise ValueError(f"row_keys must have one key per context row ({context.batch_size}), got {len(row_keys)}")
+    first: list[int] = []  # row of each distinct key's first occurrence
+    index: dict[str, int] = {}  # key -> its index in `first`
+    for row, key in enumerate(row_keys):
+        if key not in index:
+            index[key] = len(first)
+            first.append(row)
+    if len(first) == len(row_keys):
+        return None
+    device = context.bias.device
+    rows = torch.tensor(first, device=device)
+    inverse = torch.tensor([index[key] for key in row_keys], device=device)
+    return rows, inverse, context.select(rows)
 
 
 class MusePipeline:
@@ -726,7 +774,7 @@ class MusePipeline:
 
     def _text(self, job: _Job) -> TextEmbedding:
         """The text of every row, encoded once: B conditional rows, then B unconditional ones when guided."""
-        return self.text_encoder(job.prompts + job.negatives if job.guided else job.prompts)
+        return self.text_encoder(job.text_rows)
 
     def _sample(self, job: _Job, low: Tensor, high: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
         """Fill the mask tokens of the base grid `low` (B, h, w) and then, when given, of the super-res grid `high`
@@ -746,7 +794,7 @@ class MusePipeline:
         g = self.transformer.config.grid_size
         return self._decode_windows(
             grid, self.transformer, lambda window: context, (g, g), self._overlap(g), job, job.num_steps,
-            stage=0, iteration=iteration,
+            stage=0, iteration=iteration, row_keys=job.text_rows,
         )
 
     def _superres_fill(self, high: Tensor, low: Tensor, text: TextEmbedding, job: _Job) -> tuple[Tensor, Tensor]:
@@ -779,8 +827,10 @@ class MusePipeline:
         num_steps: int,
         stage: int,
         iteration: int = 0,
+        row_keys: Sequence[str] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Decode every mask token of `grid` (B, h, w) with `model`, one window of at most `window` tokens at a time.
+        `row_keys` names the text rows of every window's context that are equal (see `guided_logits_fn`).
 
         A grid no larger than the window is a single decode. The plan is shared by the batch (a token is decoded in
         the first window that holds it unknown in any row), and each window's randomness is its own sub-stream of the
@@ -797,7 +847,9 @@ class MusePipeline:
         for index, win in enumerate(plan):
             crop = grid[:, win.rows, win.cols]
             h, w = crop.shape[1:]
-            logits_fn = guided_logits_fn(model, context_of(win), (h, w), job.guidance_scale, job.guidance_schedule)
+            logits_fn = guided_logits_fn(
+                model, context_of(win), (h, w), job.guidance_scale, job.guidance_schedule, row_keys
+            )
             out = decode(
                 crop.reshape(B, h * w), logits_fn,  # (B, L)
                 mask_token_id=mask_id,
@@ -846,7 +898,9 @@ class MusePipeline:
         for win in plan_windows(everything, (g, g), self._overlap(g)):
             crop = tokens[:, win.rows, win.cols]
             h, w = crop.shape[1:]
-            logits_fn = guided_logits_fn(self.transformer, context, (h, w), job.guidance_scale, job.guidance_schedule)
+            logits_fn = guided_logits_fn(
+                self.transformer, context, (h, w), job.guidance_scale, job.guidance_schedule, job.text_rows
+            )
             positions = torch.arange(h * w, device=tokens.device).expand(B, h * w)
             flat = crop.reshape(B, h * w)  # (B, L)
             logits = logits_fn(flat, positions, DecodeStep(0, 1)).float()  # (B, L, K)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from muse.pipeline import MusePipeline, PipelineOutput, guided_logits_fn
-from sampling import decode
+from sampling import DecodeStep, decode
 
 PROMPTS = ["a red apple", "a dog with a face", "blue sky", "a green tree", "a house", "a car", "the cat", "a sunny sky"]
 
@@ -99,10 +99,40 @@ def test_guidance_runs_one_batched_forward_per_step_and_one_context_per_call(tin
     tiny_pipe(["a dog", "a cat"], seed=0, num_steps=4, guidance_scale=3.0)
     assert len(contexts) == 1 and contexts[0][0].shape[0] == 4  # [cond; uncond] encoded together once
     assert len(forwards) == 4
-    assert all(tokens.shape[0] == 4 and positions.shape[0] == 4 for tokens, _, positions, _ in forwards)
+    # The first step's grids are all masked: the two prompts and the one shared empty prompt are computed once each.
+    assert [call[0].shape[0] for call in forwards] == [3, 4, 4, 4]
+    assert all(tokens.shape[0] == positions.shape[0] for tokens, _, positions, _ in forwards)
     # logits only at the still-masked positions: all 16 at first, fewer at every later step
     widths = [positions.shape[1] for _, _, positions, _ in forwards]
     assert widths[0] == 16 and all(a > b for a, b in zip(widths, widths[1:]))
+
+
+@pytest.mark.parametrize("scale", [3.0, 1.0])
+def test_rows_with_the_same_prompt_and_grid_are_computed_once(tiny_pipe, monkeypatch, scale):
+    model = tiny_pipe.transformer
+    prompts = ["a dog", "a dog", "a cat", "a dog"]
+    keys = prompts + [""] * 4 if scale > 1 else prompts
+    text = tiny_pipe.text_encoder(keys)
+    context = model.text_context(text.states, text.mask)
+    mask_id = model.config.mask_token_id
+    masked = torch.full((4, 16), mask_id, dtype=torch.long)
+    positions = torch.arange(16).expand(4, 16)
+    step = DecodeStep(0, 4)
+    with torch.inference_mode():
+        plain = guided_logits_fn(model, context, (4, 4), scale)(masked, positions, step)
+        forwards = count_calls(monkeypatch, model, "forward")
+        deduplicated = guided_logits_fn(model, context, (4, 4), scale, row_keys=keys)
+        logits = deduplicated(masked, positions, step)
+        assert [call[0].shape[0] for call in forwards] == [3 if scale > 1 else 2]  # dog, cat (+ the empty prompt)
+        assert torch.allclose(logits, plain, atol=1e-5)
+        # Different grids: every row is computed.
+        partly = masked.clone()
+        partly[1, :3] = 0
+        assert torch.allclose(deduplicated(partly, positions, step), guided_logits_fn(model, context, (4, 4), scale)(
+            partly, positions, step), atol=1e-5)
+        assert forwards[-1][0].shape[0] == len(keys)
+    with pytest.raises(ValueError, match="one key per context row"):
+        guided_logits_fn(model, context, (4, 4), scale, row_keys=keys[:-1])
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.0])
