@@ -49,8 +49,8 @@ class TextContext:
     def batch_size(self) -> int:
         return self.bias.shape[0]
 
-    def select(self, rows: Tensor) -> TextContext:
-        """The context of the batch rows `rows` (N,) long, in that order."""
+    def select(self, rows: Tensor | slice) -> TextContext:
+        """The context of the batch rows `rows`: (N,) long indices, in that order, or a slice (views, no copy)."""
         return TextContext(
             tuple(KeyValue(kv.keys[rows], kv.values[rows]) for kv in self.layers),
             self.bias[rows],

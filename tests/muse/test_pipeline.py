@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import muse.pipeline as pipeline_module
 from muse.pipeline import MusePipeline, PipelineOutput, guided_logits_fn
 from sampling import DecodeStep, decode
 
@@ -133,6 +134,25 @@ def test_rows_with_the_same_prompt_and_grid_are_computed_once(tiny_pipe, monkeyp
         assert forwards[-1][0].shape[0] == len(keys)
     with pytest.raises(ValueError, match="one key per context row"):
         guided_logits_fn(model, context, (4, 4), scale, row_keys=keys[:-1])
+
+
+@pytest.mark.parametrize("scale", [3.0, 1.0])
+def test_cpu_forwards_are_split_into_chunks_of_rows_with_the_same_logits(tiny_pipe, monkeypatch, scale):
+    model = tiny_pipe.transformer
+    prompts = ["a dog", "a cat", "a red apple"]
+    text = tiny_pipe.text_encoder(prompts + [""] * 3 if scale > 1 else prompts)
+    context = model.text_context(text.states, text.mask)
+    tokens = torch.randint(0, 16, (3, 16)).masked_fill(torch.rand(3, 16) < 0.5, model.config.mask_token_id)
+    positions = torch.stack([torch.randperm(16)[:7] for _ in range(3)])
+    with torch.inference_mode():
+        whole = guided_logits_fn(model, context, (4, 4), scale)(tokens, positions, DecodeStep(1, 4)).clone()
+        monkeypatch.setattr(pipeline_module, "CPU_TOKENS_PER_FORWARD", 32)  # 2 rows of 16 tokens per forward
+        forwards = count_calls(monkeypatch, model, "forward")
+        chunked = guided_logits_fn(model, context, (4, 4), scale)
+        for step in range(2):  # the second call reuses the first one's buffer
+            assert torch.allclose(chunked(tokens, positions, DecodeStep(step, 4)), whole, atol=1e-5)
+    rows = [call[0].shape[0] for call in forwards]
+    assert rows == ([2, 2, 2] if scale > 1 else [2, 1]) * 2
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.0])
