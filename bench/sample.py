@@ -116,18 +116,29 @@ def steps_positions(cfg: BenchConfig, num_steps: int) -> list[int]:
     return [int(c) for c in counts[:-1] if c > 0]
 
 
-def ours_flops(cfg: BenchConfig, guidance: bool, num_steps: int) -> float:
-    """Per image: text context once, then per step the trunk over all L tokens and the head at the M masked ones."""
+def ours_flops(cfg: BenchConfig, guidance: bool, num_steps: int, batch: int) -> float:
+    """Per image: text context once, then per step the trunk over all L tokens, except that the last layer computes
+    its queries, cross-attention and MLP at the M masked positions only, and the head at those M.
+
+    The first step's grids are all masked, so rows with the same prompt compute the same logits and run once: the
+    `batch` distinct prompts and, with guidance, one shared empty prompt (`guided_logits_fn(row_keys=...)`).
+    """
     L, D, S, K, Dt = cfg.num_tokens, cfg.width, cfg.text_length, cfg.codebook_size, cfg.text_dim
     hidden = int(D * cfg.mlp_ratio)
-    layer = (
-        2 * L * D * 3 * D + 2 * 2 * L * L * D + 2 * L * D * D  # self-attention: fused qkv, scores + values, out
-        + 2 * L * D * D + 2 * 2 * L * S * D + 2 * L * D * D  # cross-attention: q, scores + values, out (k/v cached)
-        + 2 * 2 * L * D * hidden  # MLP
-    )
+
+    def layer(rows: int) -> int:
+        """One layer whose output is computed at `rows` of the L tokens (keys and values at all L)."""
+        return (
+            2 * L * D * 2 * D + 2 * rows * D * D + 2 * 2 * rows * L * D + 2 * rows * D * D  # self: k/v; q, attn, out
+            + 2 * rows * D * D + 2 * 2 * rows * S * D + 2 * rows * D * D  # cross: q, scores + values, out (k/v cached)
+            + 2 * 2 * rows * D * hidden  # MLP
+        )
+
+    branches = 2 if guidance else 1
+    steps = [(cfg.depth - 1) * layer(L) + layer(M) + 2 * M * D * K for M in steps_positions(cfg, num_steps)]
+    first_rows = (batch + 1 if guidance else batch) / batch  # forward rows per image at the first step
     text = 2 * S * Dt * D + cfg.depth * 2 * S * D * 2 * D  # projection + every layer's cross k/v, once per call
-    steps = sum(cfg.depth * layer + 2 * M * D * K for M in steps_positions(cfg, num_steps))
-    return (2 if guidance else 1) * (text + steps)
+    return branches * text + first_rows * steps[0] + branches * sum(steps[1:])
 
 
 def diffusers_flops(cfg: BenchConfig, guidance: bool, num_steps: int) -> float:
@@ -198,15 +209,19 @@ class OursRunner:
             mask = torch.cat([mask, self.null_mask.expand(batch, -1)])
         context = self.model.text_context(states, mask)
         grid = (self.cfg.grid_size, self.cfg.grid_size)
-        logits_fn = self.build_logits_fn(self.model, context, grid, self.cfg.guidance_scale if guidance else 1.0)
+        # As the pipeline names its text rows: `batch` different prompts, then the empty prompt for every row.
+        keys = [f"prompt {i}" for i in range(batch)] + ([""] * batch if guidance else [])
+        logits_fn = self.build_logits_fn(
+            self.model, context, grid, self.cfg.guidance_scale if guidance else 1.0, row_keys=keys
+        )
         mask_id = self.model.config.mask_token_id
         tokens = torch.full((batch, self.cfg.num_tokens), mask_id, dtype=torch.long)
         out = decode(tokens, logits_fn, mask_token_id=mask_id, seeds=torch.arange(batch), num_steps=num_steps,
                      schedule=self.schedule, choice_temperature=self.choice_temperature)
         return out.tokens
 
-    def flops_per_image(self, guidance: bool, num_steps: int) -> float:
-        return ours_flops(self.cfg, guidance, num_steps)
+    def flops_per_image(self, guidance: bool, num_steps: int, batch: int) -> float:
+        return ours_flops(self.cfg, guidance, num_steps, batch)
 
 
 class DiffusersRunner:
@@ -260,7 +275,7 @@ class DiffusersRunner:
         )
         return out.images
 
-    def flops_per_image(self, guidance: bool, num_steps: int) -> float:
+    def flops_per_image(self, guidance: bool, num_steps: int, batch: int) -> float:
         return diffusers_flops(self.cfg, guidance, num_steps)
 
 
@@ -321,7 +336,7 @@ class MaskGitRunner:
             cond_scale=self.cfg.guidance_scale if guidance else 1,  # 1 -> one forward per step, no null pass
         )
 
-    def flops_per_image(self, guidance: bool, num_steps: int) -> float:
+    def flops_per_image(self, guidance: bool, num_steps: int, batch: int) -> float:
         return maskgit_flops(self.cfg, guidance, num_steps)
 
 
@@ -363,7 +378,7 @@ def time_cases(runners: dict, guidance: bool, batch: int, num_steps: int, reps: 
 def summarise(runner, case: Case, seconds: list[float], num_steps: int, peak_gflops: float) -> CaseResult:
     per_run = statistics.median(seconds)
     images_per_s = case.batch / per_run
-    gflop = runner.flops_per_image(case.guidance, num_steps) / 1e9
+    gflop = runner.flops_per_image(case.guidance, num_steps, case.batch) / 1e9
     return CaseResult(
         library=case.library, guidance=case.guidance, batch=case.batch, num_steps=num_steps, seconds=seconds,
         seconds_per_run=per_run, images_per_s=images_per_s, seconds_per_image=per_run / case.batch,
@@ -414,8 +429,8 @@ def profile_ours(runner: OursRunner, batch: int, guidance: bool, num_steps: int,
     runner.run(batch, guidance, min(2, num_steps))
     original = runner.build_logits_fn
 
-    def labelled(*args):
-        inner = original(*args)
+    def labelled(*args, **kwargs):
+        inner = original(*args, **kwargs)
 
         def logits_fn(tokens, positions, step):
             with record_function("bench::logits_fn"):
