@@ -90,9 +90,14 @@ class Stages:
         self.low = self.run_base(2)  # a low-res grid for super-res to condition on
 
     def _decode(self, model, context, grid_size: int, num_steps: int) -> Tensor:
-        mask_id = model.config.mask_token_id if isinstance(model, MaskedTransformer) else model.high.config.mask_token_id
+        base = isinstance(model, MaskedTransformer)
+        mask_id = model.config.mask_token_id if base else model.high.config.mask_token_id
         grid = (grid_size, grid_size)
-        logits_fn = guided_logits_fn(model, context, grid, self.guidance_scale)
+        # The base stage's text rows named as the pipeline names them (B prompts, then the empty prompt for every
+        # row), so its all-masked first step runs the distinct rows only; super-res rows also differ in their low-res
+        # grids, and the pipeline names none of them.
+        keys = [f"prompt {i}" for i in range(self.batch)] + ([""] * self.batch if self.guidance_scale > 1 else [])
+        logits_fn = guided_logits_fn(model, context, grid, self.guidance_scale, row_keys=keys if base else None)
         tokens = torch.full((self.batch, grid_size * grid_size), mask_id, dtype=torch.long)  # (B, L) all masked
         out = decode(tokens, logits_fn, mask_token_id=mask_id, seeds=torch.arange(self.batch), num_steps=num_steps,
                      schedule=self.schedule, choice_temperature=self.choice_temperature)
