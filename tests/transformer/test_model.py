@@ -76,8 +76,7 @@ def test_logits_at_positions_are_the_same_rows_of_the_full_logits():
 def test_positions_give_the_gradients_of_the_full_forward_read_at_those_rows():
     # With positions the last layer computes queries, cross-attention and MLP at those rows only; a training loss on
     # them must see the parameters' gradients of the full computation (padding repeats a position, as decode does).
-    model = make_model().train()
-    model.embed_drop.p = 0.0  # dropout off, but train mode, as a training step runs
+    model = make_model().train()  # train mode, as a training step runs (CFG has no dropout)
     states, mask = make_text(3)
     tokens = make_tokens(3)
     positions = torch.stack([torch.randperm(16)[:6] for _ in range(3)])
