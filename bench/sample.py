@@ -38,8 +38,9 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python bench/sample.py` from a checkout without the editable install
-    sys.path.insert(0, str(REPO))
+# The checkout first: `python bench/X.py` puts bench/ itself first on the path, where superres.py would shadow
+# the superres package (also when PYTHONPATH already names the checkout, further down).
+sys.path.insert(0, str(REPO))
 
 from machine import machine_info, measure_matmul_peak, write_report  # noqa: E402  (bench/machine.py)
 from muse.pipeline import PipelineConfig, guided_logits_fn  # noqa: E402

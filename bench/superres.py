@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python bench/superres.py` without the editable install
-    sys.path.insert(0, str(REPO))
+# The checkout first: `python bench/X.py` puts bench/ itself first on the path, where superres.py would shadow
+# the superres package (also when PYTHONPATH already names the checkout, further down).
+sys.path.insert(0, str(REPO))
 
 from machine import machine_info, write_report  # noqa: E402  (bench/machine.py)
 from muse.config import load_config  # noqa: E402
