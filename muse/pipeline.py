@@ -173,7 +173,7 @@ class _Job:
 # On the CPU, at most this many tokens go through the model in one forward. glibc hands allocations above 32 MiB
 # straight to the OS and takes them back on free, so a many-row forward page-faults its layer activations afresh at
 # every decoding step (bench-256, 16 rows: ~130k minor faults per forward, about 10% of its time); forwards of 1024
-# tokens keep the largest activation, the MLP's, at 8 MiB for width 512, which the heap reuses (~36k faults).
+# tokens keep the largest activation, the MLP's, at 8 MiB for width 512, which the heap reuses (~38k faults).
 CPU_TOKENS_PER_FORWARD = 1024
 
 
@@ -204,21 +204,34 @@ def guided_logits_fn(
     if guidance_schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
     guided = guidance_scale > 1.0
+    on_cpu = context.bias.device.type == "cpu"
+    rows_per_forward = max(1, CPU_TOKENS_PER_FORWARD // (grid[0] * grid[1])) if on_cpu else context.batch_size
+
+    def split(memory: TextContext) -> list[tuple[slice, TextContext]]:
+        """The row chunks of one forward each, with their contexts (views), cut once per call."""
+        R = memory.batch_size
+        if rows_per_forward >= R:
+            return [(slice(0, R), memory)]
+        return [(slice(s, s + rows_per_forward), memory.select(slice(s, s + rows_per_forward)))
+                for s in range(0, R, rows_per_forward)]
+
+    parts = split(context)
     distinct = _distinct_rows(row_keys, context)
+    if distinct is not None:
+        first, inverse, memory = distinct
+        distinct_parts = split(memory)
     buffer = torch.empty(0)  # logits of every row, allocated at the first (widest) step and reused
 
-    def run(tokens: Tensor, memory: TextContext, positions: Tensor) -> Tensor:
-        """model over the rows of `tokens` (N, L), `memory` and `positions` (N, M), a chunk of rows at a time on the
-        CPU, into the reused buffer -> (N, M, K)."""
+    def run(tokens: Tensor, chunks: list[tuple[slice, TextContext]], positions: Tensor) -> Tensor:
+        """model over the rows of `tokens` (N, L) and `positions` (N, M), chunk by chunk, into the reused buffer ->
+        (N, M, K)."""
         nonlocal buffer
-        N, L = tokens.shape
-        chunk = N if tokens.device.type != "cpu" else max(1, CPU_TOKENS_PER_FORWARD // L)
-        if chunk >= N:
-            return model(tokens, memory, positions, grid)
+        if len(chunks) == 1:
+            return model(tokens, chunks[0][1], positions, grid)
+        N = tokens.shape[0]
         out = None
-        for start in range(0, N, chunk):
-            rows = slice(start, start + chunk)
-            logits = model(tokens[rows], memory.select(rows), positions[rows], grid)  # (n, M, K)
+        for rows, memory in chunks:
+            logits = model(tokens[rows], memory, positions[rows], grid)  # (n, M, K)
             if out is None:
                 size = N * logits.shape[1] * logits.shape[2]
                 if buffer.numel() < size or buffer.dtype != logits.dtype or buffer.device != logits.device:
@@ -231,12 +244,11 @@ def guided_logits_fn(
         """The B grids (B, L) and their positions (B, M) -> logits (R, M, K) for the R context rows: B, or 2B with
         guidance (every grid under its conditional and then its unconditional row)."""
         if distinct is not None and bool((tokens == tokens[:1]).all()) and bool((positions == positions[:1]).all()):
-            first, inverse, memory = distinct
             U = first.shape[0]
-            return run(tokens[:1].expand(U, -1), memory, positions[:1].expand(U, -1))[inverse]  # (R, M, K)
+            return run(tokens[:1].expand(U, -1), distinct_parts, positions[:1].expand(U, -1))[inverse]  # (R, M, K)
         if guided:
             tokens, positions = torch.cat([tokens, tokens]), torch.cat([positions, positions])  # (2B, L), (2B, M)
-        return run(tokens, context, positions)  # (R, M, K)
+        return run(tokens, parts, positions)  # (R, M, K)
 
     if not guided:
         return lambda tokens, positions, step: forward(tokens, positions)

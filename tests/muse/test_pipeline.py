@@ -8,6 +8,7 @@ import torch
 import muse.pipeline as pipeline_module
 from muse.pipeline import MusePipeline, PipelineOutput, guided_logits_fn
 from sampling import DecodeStep, decode
+from transformer.model import TextContext
 
 PROMPTS = ["a red apple", "a dog with a face", "blue sky", "a green tree", "a house", "a car", "the cat", "a sunny sky"]
 
@@ -200,7 +201,8 @@ def test_guided_logits_fn_combines_branches_on_logits():
 
     from sampling import DecodeStep
 
-    fn = guided_logits_fn(model, None, (2, 2), 3.0, "linear")
+    context = TextContext(layers=(), bias=torch.zeros(2, 1, 1, 1))  # [cond; uncond] of one grid; unread by the model
+    fn = guided_logits_fn(model, context, (2, 2), 3.0, "linear")
     tokens, positions = torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)
     first, last = fn(tokens, positions, DecodeStep(0, 4)), fn(tokens, positions, DecodeStep(3, 4))
     assert calls == [2, 2]
