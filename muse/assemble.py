@@ -12,15 +12,16 @@ prompt scorer as the pipeline's best-of-N default, and `--weights-dtype float16`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from muse.config import ConfigError, SuperResRun, TransformerRun, load_config
-from muse.pipeline import MusePipeline, PipelineConfig
+from muse.options import SamplingOptions, add_option_arguments, given_options
+from muse.pipeline import PRECISIONS, MusePipeline, PipelineConfig
 from muse.scorer import PromptScorer
 from superres.model import SuperResTransformer
 from transformer.model import MaskedTransformer
@@ -90,15 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer-run", type=Path, required=True, help="run directory of the base stage")
     parser.add_argument("--superres-run", type=Path, default=None, help="run directory of the super-res stage")
     parser.add_argument("--out", type=Path, required=True, help="pipeline directory to write")
-    defaults = PipelineConfig()
-    parser.add_argument("--num-steps", type=int, default=defaults.num_steps)
-    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
-    parser.add_argument("--guidance-schedule", default=defaults.guidance_schedule)
-    parser.add_argument("--superres-steps", type=int, default=defaults.superres_steps)
-    parser.add_argument("--stages", type=int, choices=(1, 2), default=None,
-                        help="stages a call runs by default (default: every stage the pipeline has)")
-    parser.add_argument("--num-candidates", type=int, default=defaults.num_candidates,
-                        help="best-of-N by default: candidates per image, the scorer's best kept (1: off)")
+    # The pipeline's sampling defaults, saved in pipeline.json: one flag per option, unset ones take the library's.
+    add_option_arguments(parser, defaults={f.name: f.default for f in dataclasses.fields(SamplingOptions)})
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="arithmetic of the token models (auto: bfloat16 where the device runs it fast; set it "
+                             "once `muse eval --precision` showed equal quality) (default: float32)")
     parser.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
                         help="storage dtype of the weights on disk (float16: half the size; loaded back as float32)")
     parser.add_argument("--scorer", type=Path, default=None,
@@ -107,9 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        config = replace(PipelineConfig(), num_steps=args.num_steps, guidance_scale=args.guidance_scale,
-                         guidance_schedule=args.guidance_schedule, superres_steps=args.superres_steps,
-                         stages=args.stages, num_candidates=args.num_candidates)
+        config = PipelineConfig(sampling=SamplingOptions().with_overrides(given_options(args)),
+                                precision=args.precision)
         pipe = assemble(args.transformer_run, args.superres_run, config)
     except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         raise SystemExit(f"muse assemble: {e}") from None
@@ -122,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
     if args.weights_dtype != "float32":
         store_weights_as(args.out, getattr(torch, args.weights_dtype))
     stages = "base + super-res" if pipe.superres is not None else "base only"
-    if pipe.superres is not None and config.stages == 1:
+    if pipe.superres is not None and config.sampling.stages == 1:
         stages += ", base only unless a call asks for stages=2"
     print(f"wrote {args.out} ({stages}, {pipe.resolution()} px): "
           f"MusePipeline.from_pretrained({str(args.out)!r}) or --model {args.out}")

@@ -187,7 +187,7 @@ def evaluate(
     features = scorer.image_encoder if scorer is not None else ImageFeatures(ScorerConfig.image_size).to(pipe.device)
 
     reconstruction = _reconstruction(pipe, data_dir, config)
-    default = pipe.config.guidance_scale
+    default = pipe.config.sampling.guidance_scale
     guidance = config.guidance if config.guidance is not None else tuple(sorted({1.0, max(1.0, default / 2), default}))
     real_features = features(split.images).cpu() if len(split.captions) >= 2 else None
     settings = []
@@ -324,7 +324,7 @@ def _best_of_n(pipe: MusePipeline, scorer: PromptScorer, split: _Pairs, all_capt
     candidates = torch.cat(recorder.embeddings)  # (N * n, E), every candidate of every caption
     every_prompt = [c for c in split.captions for _ in range(n)]
     return BestOfN(
-        n=n, num_steps=pipe.config.num_steps, guidance_scale=pipe.config.guidance_scale,
+        n=n, num_steps=pipe.config.sampling.num_steps, guidance_scale=pipe.config.sampling.guidance_scale,
         independent_judge=picker is not scorer,
         by_scorer=_fidelity(scorer, scorer.embed_images(by_scorer), split.captions, all_captions, config),
         by_likelihood=_fidelity(scorer, scorer.embed_images(by_likelihood), split.captions, all_captions, config),

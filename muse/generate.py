@@ -21,6 +21,7 @@ rank modulo the world size and appends to its own `manifest.part{rank}.jsonl`; a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,6 +32,9 @@ from pathlib import Path
 from typing import Iterator
 
 from PIL import Image
+
+from muse.bundled import bundled_sampling_defaults
+from muse.options import add_option_arguments, given_options
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.part*.jsonl"
@@ -65,40 +69,23 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "single prompt: with --num-images N > 1, NAME-0.png ... NAME-{N-1}.png")
 
 
-def _add_sampling_arguments(parser: argparse.ArgumentParser, base_stage: bool = True) -> None:
-    """The sampling options; without `base_stage` (upscale runs the super-res stage alone) no base steps or stages."""
-    parser.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
+def _add_call_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """A task's per-call arguments and one flag per sampling option (but `exclude`: upscale runs the super-res stage
+    alone, so no base-stage steps or stages)."""
+    parser.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default: 1)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the first image; image k gets seed + k (default: random, recorded)")
-    if base_stage:
-        parser.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=None, metavar="N",
-                            help="base-stage decoding steps (default: the model's)")
-    parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=None,
-                        metavar="S",
-                        help="classifier-free guidance scale; <= 1 turns guidance off (default: the model's)")
-    parser.add_argument("--guidance-schedule", default=None, choices=("constant", "linear"),
-                        help="constant, or ramped linearly over the steps (default: the model's)")
     parser.add_argument("--negative-prompt", default=None, help="prompt for guidance's unconditional branch")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the token draws")
-    parser.add_argument("--top-k", type=int, default=None, help="draw tokens from the k most likely only")
-    parser.add_argument("--top-p", type=float, default=None, help="draw tokens from the top-p nucleus only")
-    if base_stage:
-        parser.add_argument("--stages", type=int, default=None, choices=(1, 2),
-                            help="1: base stage only; 2: with super-resolution (default: every stage the model has)")
-    parser.add_argument("--superres-steps", type=int, default=None, metavar="N",
-                        help="super-resolution decoding steps (default: the model's)")
+    add_option_arguments(parser, defaults=bundled_sampling_defaults(), exclude=exclude)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --prompts FILE)")
     parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                         help="text file with one prompt per line (blank lines are skipped)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass")
-    parser.add_argument("--num-candidates", "--candidates", dest="num_candidates", type=int, default=None, metavar="N",
-                        help="best-of-N: make N candidates per image and keep the one the model's prompt scorer "
-                             "rates best (its log-likelihood when it has no scorer); the score is printed / recorded "
-                             "(default: the model's; 1 turns it off)")
-    _add_sampling_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                        help="images per pipeline call (default: 16)")
+    _add_call_arguments(parser)
     _add_model_arguments(parser)
 
 
@@ -106,7 +93,7 @@ def add_inpaint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt")
     parser.add_argument("--image", required=True, type=Path)
     parser.add_argument("--mask", required=True, type=Path, help="same size as the image; white = regenerate")
-    _add_sampling_arguments(parser)
+    _add_call_arguments(parser)
     _add_model_arguments(parser)
 
 
@@ -115,7 +102,7 @@ def add_outpaint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, type=Path)
     parser.add_argument("--pad", required=True, type=_parse_pad, metavar="LEFT,TOP,RIGHT,BOTTOM",
                         help="pixels to add on each side, multiples of the model's token size")
-    _add_sampling_arguments(parser)
+    _add_call_arguments(parser)
     _add_model_arguments(parser)
 
 
@@ -123,7 +110,7 @@ def add_upscale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt")
     parser.add_argument("--image", required=True, type=Path, help="an image at the base stage's resolution (64 px "
                         "for the bundled model; larger sides in multiples of its token size are decoded in windows)")
-    _add_sampling_arguments(parser, base_stage=False)
+    _add_call_arguments(parser, exclude=("num_steps", "stages"))
     _add_model_arguments(parser)
 
 
@@ -135,7 +122,7 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=1, help="re-mask and resample this many times")
     parser.add_argument("--mode", default="random", choices=("random", "confidence"),
                         help="which tokens to re-mask: random, or the least likely under the new prompt")
-    _add_sampling_arguments(parser)
+    _add_call_arguments(parser)
     _add_model_arguments(parser)
 
 
@@ -147,15 +134,6 @@ def _parse_pad(text: str) -> tuple[int, int, int, int]:
     if len(pad) != 4:
         raise argparse.ArgumentTypeError(f"--pad must be four integers LEFT,TOP,RIGHT,BOTTOM, got {text!r}")
     return pad
-
-
-SAMPLING_OPTIONS = ("num_steps", "guidance_scale", "guidance_schedule", "negative_prompt", "temperature", "top_k",
-                    "top_p", "stages", "superres_steps")
-
-
-def _sampling_options(args: argparse.Namespace) -> dict:
-    """The pipeline keyword arguments the command line sets, under the API's names (those the command has)."""
-    return {name: getattr(args, name) for name in SAMPLING_OPTIONS if hasattr(args, name)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -278,20 +256,38 @@ def _file_targets(out: Path, n: int) -> list[Path] | None:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(n)]
 
 
-def _save_files(images, seeds, targets: list[Path], command: str, scores: list[float] | None = None) -> None:
-    for k, (image, seed, path) in enumerate(zip(images, seeds, targets)):
+def _save_files(result, targets: list[Path], command: str) -> None:
+    for k, (image, seed, path) in enumerate(zip(result.images, result.seeds, targets)):
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_png(image, path)
-        score = "" if scores is None else f", best-of-N score {scores[k]:.3f}"
-        print(f"muse {command}: saved {path} (seed {seed}{score})")
+        chosen = ""
+        if result.scores is not None:
+            chosen = (f"; best of N: candidate seed {result.candidate_seeds[k]}, score {result.scores[k]:.3f}, "
+                      f"remade alone by --seed {result.candidate_seeds[k]} --num-candidates 1")
+        print(f"muse {command}: saved {path} (seed {seed}{chosen})")
+
+
+def _checked_options(args: argparse.Namespace, command: str) -> dict:
+    """The sampling options given on the command line, checked before any model is loaded."""
+    from muse.options import SamplingOptions
+
+    options = given_options(args)
+    try:
+        SamplingOptions().with_overrides(options)
+    except (ValueError, TypeError) as e:
+        raise _fail(command, e) from None
+    if args.num_images < 1:
+        raise SystemExit(f"muse {command}: --num-images must be >= 1, got {args.num_images}")
+    return options
 
 
 def generate_main(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     prompts = _read_prompts(args)
-    if args.batch_size < 1 or args.num_images < 1 or (args.num_candidates is not None and args.num_candidates < 1):
-        raise SystemExit("muse generate: --batch-size, --num-images and --num-candidates must be >= 1")
+    if args.batch_size < 1:
+        raise SystemExit(f"muse generate: --batch-size must be >= 1, got {args.batch_size}")
+    options = _checked_options(args, "generate")
     targets = _file_targets(args.out, args.num_images)
     if targets is not None:  # one prompt straight to image files: no manifest, nothing to resume
         if len(prompts) != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -300,10 +296,10 @@ def generate_main(args: argparse.Namespace) -> None:
         pipe = _load_pipeline(args, "generate")
         try:
             result = pipe(prompts[0], num_images=args.num_images, seed=args.seed,
-                          num_candidates=args.num_candidates, **_sampling_options(args))
+                          negative_prompt=args.negative_prompt, **options)
         except (ValueError, TypeError) as e:
             raise _fail("generate", e) from None
-        _save_files(result.images, result.seeds, targets, "generate", result.scores)
+        _save_files(result, targets, "generate")
         return
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -312,16 +308,14 @@ def generate_main(args: argparse.Namespace) -> None:
         # Only for the final barrier; a long timeout because shards can be unbalanced by images already done.
         dist.init_process_group("gloo", timeout=timedelta(days=7))
     pipe = _load_pipeline(args, "generate", int(os.environ.get("LOCAL_RANK", "0")))
-    options = {**_sampling_options(args), "num_candidates": args.num_candidates}
+    try:
+        resolved = pipe.options(**options)
+    except (ValueError, TypeError) as e:
+        raise _fail("generate", e) from None
     # The settings an image depends on, defaults resolved, so that a rerun with other settings regenerates.
-    defaults = pipe.config
     parameters = {
-        **options,
-        "num_steps": options["num_steps"] or defaults.num_steps,
-        "guidance_scale": defaults.guidance_scale if options["guidance_scale"] is None else options["guidance_scale"],
-        "guidance_schedule": options["guidance_schedule"] or defaults.guidance_schedule,
-        "superres_steps": options["superres_steps"] or defaults.superres_steps,
-        "num_candidates": options["num_candidates"] or defaults.num_candidates,
+        **dataclasses.asdict(resolved),
+        "negative_prompt": args.negative_prompt,
         "model": str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model,
     }
     out = args.out
@@ -342,7 +336,8 @@ def generate_main(args: argparse.Namespace) -> None:
             batch = todo[b : b + args.batch_size]
             seeds = None if args.seed is None else [item.seed for item in batch]
             try:
-                result = pipe([item.prompt for item in batch], seed=seeds, **options)
+                result = pipe([item.prompt for item in batch], seed=seeds, negative_prompt=args.negative_prompt,
+                              options=resolved)
             except (ValueError, TypeError) as e:
                 raise _fail("generate", e) from None
             records = []
@@ -350,10 +345,10 @@ def generate_main(args: argparse.Namespace) -> None:
                 _save_png(image, out / item.file)
                 # The image's own seed (what a rerun with these parameters asks for); with best-of-N also the chosen
                 # candidate's seed, which remakes the image alone with --num-candidates 1.
-                record = {"index": item.index, "prompt": item.prompt, "seed": seed if item.seed is None else item.seed,
-                          "file": item.file, "parameters": parameters}
+                record = {"index": item.index, "prompt": item.prompt, "seed": seed, "file": item.file,
+                          "parameters": parameters}
                 if result.scores is not None:
-                    record["candidate_seed"], record["score"] = seed, result.scores[k]
+                    record["candidate_seed"], record["score"] = result.candidate_seeds[k], result.scores[k]
                 records.append(record)
             _append(manifest, records)
             bar.update(len(batch))
@@ -371,15 +366,16 @@ def generate_main(args: argparse.Namespace) -> None:
 
 
 def _run_image_task(args: argparse.Namespace, command: str, task_options: dict) -> None:
+    options = _checked_options(args, command)
     pipe = _load_pipeline(args, command)
     try:
         result = getattr(pipe, command)(args.prompt, image=args.image, num_images=args.num_images, seed=args.seed,
-                                        **task_options, **_sampling_options(args))
+                                        negative_prompt=args.negative_prompt, **task_options, **options)
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise _fail(command, e) from None
     targets = _file_targets(args.out, len(result.images)) or [
         args.out / f"{args.image.stem}-{command}-{seed}.png" for seed in result.seeds]
-    _save_files(result.images, result.seeds, targets, command)
+    _save_files(result, targets, command)
 
 
 def inpaint_main(args: argparse.Namespace) -> None:

@@ -8,28 +8,33 @@
     pipe.edit("a green apple", image=img, strength=0.5)         # Muse section 4.3, no mask
     pipe.upscale("a red apple", image=small)                    # the super-res stage alone, on any base-size image
 
-Every task is the same `sampling.decode` on a pre-filled token grid: generation starts from an all-masked grid,
-inpainting from the image's tokens with the masked ones removed, outpainting from the image's tokens on a larger masked
-canvas, editing from the image's tokens with a fraction re-masked. A grid larger than the transformer's is decoded
-window by window (`sampling.plan_windows`), so a canvas can grow without limit.
+Every sampling option (`muse.options.SamplingOptions`: num_steps, guidance_scale, temperature, ...) can be passed by
+keyword to every task; what a call does not set comes from `config.sampling`.
 
-Text never reaches `sampling`: classifier-free guidance lives in the logits function built here
-(`guided_logits_fn`). The prompts are encoded once per call (through the text encoder's cache), the transformer's
-cross-attention keys/values are computed once per call for [conditional; unconditional] rows, and every decoding step
-runs both branches as one batched forward at the still-masked positions only.
+Every task is a *task builder* over the one decoding engine (`muse.engine`, `pipe.engine`): it turns its inputs into
+a starting token grid -- all masked for generation, the image's tokens with the masked ones removed for inpainting,
+the image's tokens on a larger masked canvas for outpainting, the image's tokens with a fraction re-masked for
+editing -- and yields it as a job; the engine decodes it, batched with whatever else is in flight. A grid larger than
+the transformer's is decoded window by window (`sampling.plan_windows`), one job per window, so a canvas can grow
+without limit. `pipe.inpaint(...)` runs its task to the end; `pipe.submit(pipe.inpaint_task(...))` starts it and
+returns a handle to wait on, stream step events from, or cancel (what the server does).
+
+Text never reaches `sampling`: classifier-free guidance is mixed by the engine on the logits. The prompts are encoded
+once per task (through the text encoder's cache), and the transformer's cross-attention keys/values once per task
+for [conditional; unconditional] rows.
 
 Seeds are per image: image b uses seed `seeds[b]` for all its randomness (counter-based, see `sampling.rng`), so an
-image is the same whatever batch it is generated in.
+image is the same whatever batch it is generated in, alone or beside other requests.
 
 With a super-resolution stage (`superres`), the base stage's tokens condition a second masked transformer over a finer
 grid, decoded with `superres_steps` steps, and the result is decoded to pixels by `superres_vqgan` (the base VQGAN
 when None). Images passed to inpaint/outpaint/edit are at the resolution of the last stage that runs.
 
 Best-of-N (`num_candidates`): each image is chosen from N candidates, generated in the same batch, by a scorer of
-(images, prompts). Candidate j of the image with seed s has seed (s * N + j) mod 2**32, so `PipelineOutput.seeds`
-holds the chosen candidate's own seed, and a plain call with it gives the same image. The default scorer is the
-pipeline's `scorer` (a `muse.scorer.PromptScorer` saved as `scorer/` in the pipeline directory, loaded on first
-use), else the model's own mean log-probability of the tokens it decoded.
+(images, prompts). Candidate j of the image with seed s has seed (s * N + j) mod 2**32; `PipelineOutput.seeds` holds
+the images' own seeds and `candidate_seeds` the chosen candidates', which a call with `num_candidates=1` reproduces.
+The default scorer is the pipeline's `scorer` (a `muse.scorer.PromptScorer` saved as `scorer/` in the pipeline
+directory, loaded on first use), else the model's own mean log-probability of the tokens it decoded.
 """
 
 from __future__ import annotations
@@ -41,9 +46,9 @@ import numbers
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -51,13 +56,13 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
+from muse import bundled
+from muse.bundled import DEFAULT_PRESET, PIPELINE_FILE, bundled_presets
+from muse.engine import Engine, Event, Job, Task, TaskHandle, TaskSteps, forward_rows, rows_per_forward, split_rows
+from muse.options import Limits, SamplingOptions, option_names
 from sampling import (
-    SCHEDULES,
-    DecodeStep,
-    LogitsFn,
     Window,
     composite,
-    decode,
     edit_mask,
     feathered_composite_weights,
     masked_grid,
@@ -73,21 +78,15 @@ from transformer.saving import CONFIG_NAME, WEIGHTS_NAME, config_from_dict
 from transformer.text import MINILM_ALIAS, TextEmbedding, TextEncoder
 from vqgan.model import VQGAN
 
-PIPELINE_FILE = "pipeline.json"
 TEXT_ENCODER_FILE = "text_encoder.json"
 TEXT_ENCODER_DIR = "text_encoder"  # a local text encoder is copied here so the saved pipeline is self-contained
-ASSETS = Path(__file__).resolve().parent / "assets"  # bundled models, one directory per preset name
-DEFAULT_PRESET = "default"
 
-GUIDANCE_SCHEDULES = ("constant", "linear")
 EDIT_MODES = ("random", "confidence")
+PRECISIONS = ("float32", "bfloat16", "auto")
 MAX_SEED = 2**32  # seeds are 32-bit so that sub-streams (windows, stages, edit rounds) can use the high word
 
 ImageInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike]
 MaskInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike]
-# (tokens (B, L), context, positions (B, M), grid (h, w)) -> logits (B, M, K): MaskedTransformer and
-# SuperResTransformer both have this forward.
-TokenModel = Callable[[Tensor, TextContext, Tensor, tuple[int, int]], Tensor]
 # Best-of-N: (images, prompts) -> (B,) scores, higher is better. `muse.scorer.PromptScorer` is one.
 Scorer = Callable[[list[Image.Image], list[str]], Tensor]
 SCORER_DIR = "scorer"  # a PromptScorer saved here inside a pipeline directory is the default best-of-N scorer
@@ -95,39 +94,38 @@ SCORER_DIR = "scorer"  # a PromptScorer saved here inside a pipeline directory i
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Defaults of sampling and editing; saved as pipeline.json beside the components."""
+    """A pipeline's defaults; saved as pipeline.json beside the components."""
 
-    num_steps: int = 24                 # base-stage decoding steps (Muse: 24)
-    guidance_scale: float = 4.0         # classifier-free guidance on logits; <= 1 turns guidance off
-    guidance_schedule: str = "constant"  # "constant", or "linear": ramped from 1 to guidance_scale over the steps
-    superres_steps: int = 8             # super-resolution decoding steps (Muse: 8)
-    mask_schedule: str = "cosine"       # sampling.schedule name: how many tokens stay masked after each step
-    choice_temperature: float = 4.5     # Gumbel noise on the confidence that picks which tokens to commit
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)  # what a call does not set
     mask_dilation: int = 1              # inpainting: tokens added around the masked ones, so edges are regenerated too
     seam: int = 4                       # inpainting: pixels outside the regenerated tokens over which it is feathered
     window_overlap: float = 0.5         # large canvases: fraction of the model's grid shared by neighbouring windows
-    stages: int | None = None           # stages a call runs when it does not say: 1 = base only, 2 = with super-res,
-                                        # None = every stage the pipeline has
-    num_candidates: int = 1             # best-of-N when a call does not say: candidates per image, the best kept
+    # The token models' arithmetic: "auto" runs them in bfloat16 where the device does it fast (a CPU with AMX or
+    # AVX512-BF16, a GPU of compute capability 8.0 or more), else in float32. Set per model, once its quality in
+    # bfloat16 was measured equal (`muse eval --precision`).
+    precision: str = "float32"
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
-        for name in ("num_steps", "superres_steps", "num_candidates"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {self.guidance_schedule!r}")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
-        if self.mask_schedule not in SCHEDULES:
-            raise ValueError(f"mask_schedule must be one of {SCHEDULES}, got {self.mask_schedule!r}")
-        if self.choice_temperature < 0:
-            raise ValueError(f"choice_temperature must be >= 0, got {self.choice_temperature}")
         if self.mask_dilation < 0 or self.seam < 0:
             raise ValueError(f"mask_dilation and seam must be >= 0, got {self.mask_dilation} and {self.seam}")
         if not 0.0 < self.window_overlap < 1.0:
             raise ValueError(f"window_overlap must be in (0, 1), got {self.window_overlap}")
-        if self.stages not in (None, 1, 2) or isinstance(self.stages, bool):
-            raise ValueError(f"stages must be 1, 2 or None, got {self.stages!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        self.limits.check(self.sampling)
+
+    def with_sampling(self, **overrides: Any) -> PipelineConfig:
+        """This config with some sampling defaults replaced: `config.with_sampling(num_steps=12)`."""
+        return dataclasses.replace(self, sampling=self.sampling.with_overrides(overrides))
+
+    @staticmethod
+    def from_dict(data: Any, where: str = "config") -> PipelineConfig:
+        """Read a saved config; the flat layout of earlier versions (sampling options beside the others) too."""
+        if isinstance(data, dict) and "sampling" not in data:
+            flat = {k: v for k, v in data.items() if k in option_names()}
+            data = {**{k: v for k, v in data.items() if k not in flat}, "sampling": flat}
+        return config_from_dict(PipelineConfig, data, where=where)
 
 
 @dataclass
@@ -138,160 +136,57 @@ class PipelineOutput:
     prompts: list[str]            # the prompt of each image
     low_res_tokens: Tensor | None  # (B, h, w) base-stage tokens when the super-resolution stage ran, else None
     scores: list[float] | None = None  # best-of-N: the chosen candidate's score; None with one candidate
+    # best-of-N: the chosen candidate's own seed (`num_candidates=1, seed=...` remakes that image alone)
+    candidate_seeds: list[int] | None = None
 
 
 @dataclass(frozen=True)
-class _Job:
-    """The resolved options of one call, one row per output image."""
+class _Call:
+    """The resolved inputs of one task, one row per image to decode (every candidate a row of its own)."""
 
     prompts: list[str]
     negatives: list[str]          # the unconditional branch's prompt per row ("" = none); unused without guidance
-    seeds: Tensor                 # (B,) int64 on the pipeline's device
-    num_steps: int
-    superres_steps: int
-    guidance_scale: float
-    guidance_schedule: str
-    temperature: float
-    top_k: int | None
-    top_p: float | None
+    seeds: Tensor                 # (B,) int64 on the pipeline's device, each row's seed (a candidate's seed)
+    image_seeds: list[int]        # the seed of each output image (B / num_candidates of them)
+    options: SamplingOptions
     stages: int
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale > 1.0
+        return self.options.guided
 
     @property
     def batch_size(self) -> int:
         return len(self.prompts)
 
     @property
+    def num_candidates(self) -> int:
+        return self.options.num_candidates
+
+    @property
     def text_rows(self) -> list[str]:
         """The prompt of each text-context row: B conditional rows, then B unconditional ones when guided."""
         return self.prompts + self.negatives if self.guided else self.prompts
 
-
-# On the CPU, at most this many tokens go through the model in one forward. glibc hands allocations above 32 MiB
-# straight to the OS and takes them back on free, so a many-row forward page-faults its layer activations afresh at
-# every decoding step (bench-256, 16 rows: ~130k minor faults per forward, about 10% of its time); forwards of 1024
-# tokens keep the largest activation, the MLP's, at 8 MiB for width 512, which the heap reuses (~38k faults).
-CPU_TOKENS_PER_FORWARD = 1024
+    def repeat(self, x: Tensor) -> Tensor:
+        """(N, ...) inputs, one per prompt, -> (B, ...): each repeated for its images and candidates."""
+        return x.repeat_interleave(self.batch_size // x.shape[0], dim=0)
 
 
-def guided_logits_fn(
-    model: TokenModel,
-    context: TextContext,
-    grid: tuple[int, int],
-    guidance_scale: float,
-    guidance_schedule: str = "constant",
-    row_keys: Sequence[str] | None = None,
-) -> LogitsFn:
-    """A `sampling.decode` logits function with classifier-free guidance on the logits.
-
-    With guidance_scale > 1, `context` holds 2B rows, [conditional; unconditional] (the unconditional rows come from
-    the empty or the negative prompt), and each step runs both branches in one batched forward:
-    logits = uncond + s * (cond - uncond). s is `guidance_scale`, or with "linear" it ramps from 1 to guidance_scale,
-    reaching it at the last step (Muse). With guidance_scale <= 1, `context` holds B rows and each step is a single
-    conditional forward. `grid` is the (h, w) of the token grid being decoded.
-
-    row_keys: optionally one key per context row (its prompt), equal keys meaning equal context rows. At a step where
-    every row's grid is the same -- the first step of generation, all masked -- rows with equal keys would compute the
-    same logits, so each distinct row is computed once: the unconditional branch once for the whole batch, and a
-    prompt's candidates (`num_images`, best-of-N) once for all of them.
-
-    The returned logits live in a buffer that the next call overwrites (decode reads them once). On the CPU the rows
-    are run `CPU_TOKENS_PER_FORWARD` tokens at a time.
-    """
-    if guidance_schedule not in GUIDANCE_SCHEDULES:
-        raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
-    guided = guidance_scale > 1.0
-    on_cpu = context.bias.device.type == "cpu"
-    rows_per_forward = max(1, CPU_TOKENS_PER_FORWARD // (grid[0] * grid[1])) if on_cpu else context.batch_size
-
-    def split(memory: TextContext) -> list[tuple[slice, TextContext]]:
-        """The row chunks of one forward each, with their contexts (views), cut once per call."""
-        R = memory.batch_size
-        if rows_per_forward >= R:
-            return [(slice(0, R), memory)]
-        return [(slice(s, s + rows_per_forward), memory.select(slice(s, s + rows_per_forward)))
-                for s in range(0, R, rows_per_forward)]
-
-    parts = split(context)
-    distinct = _distinct_rows(row_keys, context)
-    if distinct is not None:
-        first, inverse, memory = distinct
-        distinct_parts = split(memory)
-    buffer = torch.empty(0)  # logits of every row, allocated at the first (widest) step and reused
-
-    def run(tokens: Tensor, chunks: list[tuple[slice, TextContext]], positions: Tensor) -> Tensor:
-        """model over the rows of `tokens` (N, L) and `positions` (N, M), chunk by chunk, into the reused buffer ->
-        (N, M, K)."""
-        nonlocal buffer
-        if len(chunks) == 1:
-            return model(tokens, chunks[0][1], positions, grid)
-        N = tokens.shape[0]
-        out = None
-        for rows, memory in chunks:
-            logits = model(tokens[rows], memory, positions[rows], grid)  # (n, M, K)
-            if out is None:
-                size = N * logits.shape[1] * logits.shape[2]
-                if buffer.numel() < size or buffer.dtype != logits.dtype or buffer.device != logits.device:
-                    buffer = torch.empty(size, dtype=logits.dtype, device=logits.device)
-                out = buffer[:size].view(N, *logits.shape[1:])
-            out[rows] = logits
-        return out
-
-    def forward(tokens: Tensor, positions: Tensor) -> Tensor:
-        """The B grids (B, L) and their positions (B, M) -> logits (R, M, K) for the R context rows: B, or 2B with
-        guidance (every grid under its conditional and then its unconditional row)."""
-        if distinct is not None and bool((tokens == tokens[:1]).all()) and bool((positions == positions[:1]).all()):
-            U = first.shape[0]
-            return run(tokens[:1].expand(U, -1), distinct_parts, positions[:1].expand(U, -1))[inverse]  # (R, M, K)
-        if guided:
-            tokens, positions = torch.cat([tokens, tokens]), torch.cat([positions, positions])  # (2B, L), (2B, M)
-        return run(tokens, parts, positions)  # (R, M, K)
-
-    if not guided:
-        return lambda tokens, positions, step: forward(tokens, positions)
-
-    def logits_fn(tokens: Tensor, positions: Tensor, step: DecodeStep) -> Tensor:
-        cond, uncond = forward(tokens, positions).chunk(2)  # each (B, M, K)
-        scale = guidance_scale
-        if guidance_schedule == "linear":
-            # Written in terms of progress, not a call count: decode skips trailing steps once every row is done.
-            scale = 1.0 + (guidance_scale - 1.0) * (step.index + 1) / step.num_steps
-        # uncond + scale * (cond - uncond), the same operations in the same order, in place in the forward's output.
-        return cond.sub_(uncond).mul_(scale).add_(uncond)
-
-    return logits_fn
-
-
-def _distinct_rows(
-    row_keys: Sequence[str] | None, context: TextContext
-) -> tuple[Tensor, Tensor, TextContext] | None:
-    """For `guided_logits_fn`: the first row of each distinct key (U,), each row's index into those (R,), and the
-    context of those U rows; None without keys or when every key differs."""
-    if row_keys is None:
-        return None
-    if len(row_keys) != context.batch_size:
-        raise ValueError(f"row_keys must have one key per context row ({context.batch_size}), got {len(row_keys)}")
-    first: list[int] = []  # row of each distinct key's first occurrence
-    index: dict[str, int] = {}  # key -> its index in `first`
-    for row, key in enumerate(row_keys):
-        if key not in index:
-            index[key] = len(first)
-            first.append(row)
-    if len(first) == len(row_keys):
-        return None
-    device = context.bias.device
-    rows = torch.tensor(first, device=device)
-    inverse = torch.tensor([index[key] for key in row_keys], device=device)
-    return rows, inverse, context.select(rows)
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices much faster than float32: measured about 4-5x on CPUs with AMX
+    or AVX512-BF16 (and hundreds of times slower on AVX2-only CPUs, which emulate it)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return False
 
 
 class MusePipeline:
     """Text-to-image generation and editing with a VQGAN, a text encoder, a masked transformer and, optionally, a
     token super-resolution stage. Components are public attributes; `superres_vqgan=None` means the high-res tokens
-    share the base VQGAN. `scorer` is the default best-of-N scorer (see the `scorer` property)."""
+    share the base VQGAN. `scorer` is the default best-of-N scorer (see the `scorer` property). `engine` decodes."""
 
     def __init__(
         self,
@@ -309,9 +204,11 @@ class MusePipeline:
         self.superres = None if superres is None else superres.eval()
         self.superres_vqgan = None if superres_vqgan is None else superres_vqgan.eval()
         self.config = config or PipelineConfig()
+        self.engine = Engine()
         self._scorer = scorer
         self._scorer_dir: Path | None = None  # a saved PromptScorer not loaded yet (from_pretrained)
         self._check_components()
+        self._apply_precision()
 
     def _check_components(self) -> None:
         t = self.transformer.config
@@ -325,8 +222,8 @@ class MusePipeline:
         if self.superres is None:
             if self.superres_vqgan is not None:
                 raise ValueError("superres_vqgan was given without a superres model")
-            if self.config.stages == 2:
-                raise ValueError("config.stages=2 needs a super-resolution stage, and this pipeline has none")
+            if self.config.sampling.stages == 2:
+                raise ValueError("config.sampling.stages=2 needs a super-resolution stage, and this pipeline has none")
             return
         s = self.superres.config
         if s.low_codebook_size != self.vqgan.config.codebook_size:
@@ -344,6 +241,16 @@ class MusePipeline:
         if s.low_grid_size != t.grid_size:
             raise ValueError(f"the super-res model was trained on {s.low_grid_size}x{s.low_grid_size} low-res grids, "
                              f"the base transformer makes {t.grid_size}x{t.grid_size}")
+
+    def _apply_precision(self) -> None:
+        """Put the token models in the dtype `config.precision` asks for on their device."""
+        precision = self.config.precision
+        if precision == "auto":
+            precision = "bfloat16" if fast_bfloat16(self.device) else "float32"
+        dtype = getattr(torch, precision)
+        for model in (self.transformer, self.superres):
+            if model is not None:
+                model.to(dtype=dtype)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Facts about sizes
@@ -381,24 +288,30 @@ class MusePipeline:
 
     def _resolve_stages(self, stages: int | None) -> int:
         if stages is None:
-            stages = self.config.stages
-        if stages is None:
             return 1 if self.superres is None else 2
-        if isinstance(stages, bool) or stages not in (1, 2):
-            raise ValueError(f"stages must be 1 or 2, got {stages!r}")
         if stages == 2 and self.superres is None:
             raise ValueError("stages=2 needs a super-resolution stage, and this pipeline has none")
         return stages
 
     def stride(self, stages: int | None = None) -> int:
-        """Pixels per base-stage token at the output resolution: image sizes and outpainting pads must be multiples."""
-        if self._resolve_stages(stages) == 1:
+        """Pixels per base-stage token at the output resolution: image sizes and outpainting pads must be multiples.
+        `stages` None means the pipeline's default (`config.sampling.stages`)."""
+        if stages is not None and (isinstance(stages, bool) or stages not in (1, 2)):
+            raise ValueError(f"stages must be 1 or 2, got {stages!r}")
+        if self._resolve_stages(stages if stages is not None else self.config.sampling.stages) == 1:
             return self.vqgan.config.downsample_factor
         return self._scale * self.high_vqgan.config.downsample_factor
 
     def resolution(self, stages: int | None = None) -> int:
         """Side in pixels of a generated image (the transformer's grid at the output resolution)."""
         return self.transformer.config.grid_size * self.stride(stages)
+
+    def options(self, options: SamplingOptions | None = None, **overrides: Any) -> SamplingOptions:
+        """The sampling options of a call: `options` (default: `config.sampling`) with `overrides` by field name.
+        Raises TypeError for an unknown name and ValueError for an invalid value or one over `config.limits`."""
+        resolved = (self.config.sampling if options is None else options).with_overrides(overrides)
+        self.config.limits.check(resolved)
+        return resolved
 
     # ----------------------------------------------------------------------------------------------------------------
     # Saving and loading
@@ -421,7 +334,7 @@ class MusePipeline:
             raise ValueError(f"{manifest_file} is not valid JSON: {e}") from None
         if not isinstance(manifest, dict) or set(manifest) != {"components", "config"}:
             raise ValueError(f"{manifest_file} must be a JSON object with exactly the keys 'components' and 'config'")
-        config = config_from_dict(PipelineConfig, manifest["config"], where=str(manifest_file))
+        config = PipelineConfig.from_dict(manifest["config"], where=str(manifest_file))
         components = manifest["components"]
         known = ("vqgan", "transformer", "superres", "superres_vqgan")
         if not isinstance(components, list) or not {"vqgan", "transformer"} <= set(components) <= set(known):
@@ -479,66 +392,65 @@ class MusePipeline:
         _write_json(path / PIPELINE_FILE, {"components": components, "config": dataclasses.asdict(self.config)})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MusePipeline:
-        """Move every component (in place) and return the pipeline."""
+        """Move every component (in place) and return the pipeline. Without `dtype`, the token models take the
+        dtype `config.precision` chooses for the new device."""
         for module in (self.vqgan, self.transformer, self.superres, self.superres_vqgan):
             if module is not None:
                 module.to(device=device, dtype=dtype)
         self.text_encoder.to(device, dtype)
         if hasattr(self._scorer, "to") and device is not None:
             self._scorer.to(device)  # the scorer keeps float32: it only ranks finished images
+        if dtype is None:
+            self._apply_precision()
         return self
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Public tasks
+    # Public tasks: each `X(...)` runs `X_task(...)` to the end. Sampling options go by keyword (`SamplingOptions`).
 
-    @torch.inference_mode()
+    def submit(self, task: Task, on_event: Callable[[Event], None] | None = None) -> TaskHandle:
+        """Start a task built by one of the `*_task` methods without waiting for it (`engine.submit`)."""
+        return self.engine.submit(task, on_event)
+
     def __call__(
         self,
         prompt: str | Sequence[str],
         *,
         num_images: int = 1,
-        num_steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_schedule: str | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
         seed: int | Sequence[int] | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stages: int | None = None,
-        superres_steps: int | None = None,
-        num_candidates: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
         scorer: Scorer | None = None,
+        options: SamplingOptions | None = None,
+        **overrides: Any,
     ) -> PipelineOutput:
-        """Generate `num_images` images per prompt. Options left None take the pipeline's defaults (`self.config`).
+        """Generate `num_images` images per prompt.
 
         Images are ordered prompt-major. `seed`: an int gives image i seed + i, a list gives one seed per image,
         None draws a random base seed; `PipelineOutput.seeds` records each. `negative_prompt` (one, or one per
-        prompt) replaces the empty prompt in guidance's unconditional branch. `stages=1` stops after the base stage.
+        prompt) replaces the empty prompt in guidance's unconditional branch. Sampling options (`SamplingOptions`)
+        go by keyword, or all at once as `options`; `stages=1` stops after the base stage.
 
         `num_candidates` > 1 makes that many candidates per image and keeps the best by `scorer` (None: `self.scorer`,
-        else the model's mean token log-probability); see the module docstring for the candidates' seeds. None takes
-        `config.num_candidates`, so a pipeline can pick the best of N by default.
-        `PipelineOutput.scores` records the chosen candidates' scores.
+        else the model's mean token log-probability); see the module docstring for the candidates' seeds.
         """
-        prompts = _prompt_list(prompt)
-        n = self.config.num_candidates if num_candidates is None else _check_int(num_candidates, "num_candidates")
-        job = self._job(prompts, num_images, negative_prompt, seed, num_steps, guidance_scale, guidance_schedule,
-                        temperature, top_k, top_p, stages, superres_steps)
-        if n > 1:
-            job = _candidates(job, n)
-        B, g = job.batch_size, self.transformer.config.grid_size
-        low = self._masked(B, (g, g), self.transformer.config.mask_token_id)
-        high = None
-        if job.stages == 2:
-            high = self._masked(B, (g * self._scale, g * self._scale), self.superres.config.mask_token_id)
-        low, high, log_prob = self._sample(job, low, high)
-        tokens = low if high is None else high
-        images = _to_pil(self._decode_pixels(tokens, job.stages))
-        out = self._output(images, tokens, job, low if high is not None else None)
-        return out if n == 1 else self._best_of(out, n, self.scorer if scorer is None else scorer, log_prob)
+        return self.engine.run(self.generate_task(prompt, num_images=num_images, seed=seed,
+                                                  negative_prompt=negative_prompt, scorer=scorer, options=options,
+                                                  **overrides))
 
-    @torch.inference_mode()
+    def generate_task(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        num_images: int = 1,
+        seed: int | Sequence[int] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        scorer: Scorer | None = None,
+        options: SamplingOptions | None = None,
+        **overrides: Any,
+    ) -> Task:
+        """`__call__`'s work as a task for `submit`; every input is checked here, before any work."""
+        call = self._call(_prompt_list(prompt), num_images, negative_prompt, seed, self.options(options, **overrides))
+        return Task(self._best_of(self._generate(call), call, scorer), "generate")
+
     def inpaint(
         self,
         prompt: str | Sequence[str],
@@ -546,16 +458,11 @@ class MusePipeline:
         image: ImageInput,
         mask: MaskInput,
         num_images: int = 1,
-        num_steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_schedule: str | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
         seed: int | Sequence[int] | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stages: int | None = None,
-        superres_steps: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        scorer: Scorer | None = None,
+        options: SamplingOptions | None = None,
+        **overrides: Any,
     ) -> PipelineOutput:
         """Regenerate the part of `image` where `mask` is white (True), guided by the prompt.
 
@@ -568,42 +475,38 @@ class MusePipeline:
         over the input with a `config.seam`-pixel feather: pixels farther than that from the regenerated tokens are
         the input's, bit for bit.
         """
+        return self.engine.run(self.inpaint_task(prompt, image=image, mask=mask, num_images=num_images, seed=seed,
+                                                 negative_prompt=negative_prompt, scorer=scorer, options=options,
+                                                 **overrides))
+
+    def inpaint_task(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        image: ImageInput,
+        mask: MaskInput,
+        num_images: int = 1,
+        seed: int | Sequence[int] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        scorer: Scorer | None = None,
+        options: SamplingOptions | None = None,
+        **overrides: Any,
+    ) -> Task:
+        """`inpaint`'s work as a task for `submit`; every input is checked here, before any work."""
+        options = self.options(options, **overrides)
         prompts = _prompt_list(prompt)
-        job_stages = self._resolve_stages(stages)
-        stride = self.stride(job_stages)
-        images = _image_tensor(image, "image")
+        stride = self.stride(self._resolve_stages(options.stages))
+        images = self._image_input(image)
         masks = _mask_tensor(mask, "mask")
         if masks.shape[-2:] != images.shape[-2:]:
             raise ValueError(f"the mask is {masks.shape[-1]}x{masks.shape[-2]} pixels but the image is "
                              f"{images.shape[-1]}x{images.shape[-2]}; they must be the same size")
         _check_size(images, stride, "image")
         prompts, images, masks = _paired(prompts, images, masks)
-        job = self._job(prompts, num_images, negative_prompt, seed, num_steps, guidance_scale, guidance_schedule,
-                        temperature, top_k, top_p, stages, superres_steps)
-        images = images.repeat_interleave(num_images, dim=0)  # (B, 3, H, W)
-        masks = masks.repeat_interleave(num_images, dim=0)  # (B, H, W)
-        dilation = self.config.mask_dilation
-        # A token is regenerated if any of its pixels is masked; blank those pixels so the encoder cannot smuggle the
-        # old content into neighbouring kept tokens.
-        blanked = images.masked_fill(masks[:, None], 0.0)
-        masks = masks.to(self.device)
-        low_mask = pixel_to_token_mask(masks, stride, dilation)  # (B, h, w)
-        low = masked_grid(self._encode(self.vqgan, self._base_image(blanked, stride, job.stages)), low_mask,
-                          self.transformer.config.mask_token_id)
-        high = None
-        region, region_stride = low_mask, stride
-        if job.stages == 2:
-            region_stride = self.high_vqgan.config.downsample_factor
-            region = pixel_to_token_mask(masks, region_stride, dilation)  # (B, hh, wh)
-            high = masked_grid(self._encode(self.high_vqgan, blanked), region, self.superres.config.mask_token_id)
-        low, high, _ = self._sample(job, low, high)
-        tokens = low if high is None else high
-        generated = self._decode_pixels(tokens, job.stages)
-        weights = feathered_composite_weights(region.cpu(), region_stride, self.config.seam)
-        pixels = composite(generated, images, weights)
-        return self._output(_to_pil(pixels), tokens, job, low if high is not None else None)
+        call = self._call(prompts, num_images, negative_prompt, seed, options)
+        return Task(self._best_of(self._inpaint(call, call.repeat(images), call.repeat(masks)), call, scorer),
+                    "inpaint")
 
-    @torch.inference_mode()
     def outpaint(
         self,
         prompt: str | Sequence[str],
@@ -611,52 +514,47 @@ class MusePipeline:
         image: ImageInput,
         pad: tuple[int, int, int, int],
         num_images: int = 1,
-        num_steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_schedule: str | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
         seed: int | Sequence[int] | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stages: int | None = None,
-        superres_steps: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        scorer: Scorer | None = None,
+        options: SamplingOptions | None = None,
+        **overrides: Any,
     ) -> PipelineOutput:
         """Extend `image` by `pad` = (left, top, right, bottom) pixels, each a multiple of `stride(stages)`.
 
         The canvas may be larger than the model's grid: it is decoded window by window, each window overlapping what
         is already known, growing outward from the image. The original pixels are kept exactly.
         """
+        return self.engine.run(self.outpaint_task(prompt, image=image, pad=pad, num_images=num_images, seed=seed,
+                                                  negative_prompt=negative_prompt, scorer=scorer, options=options,
+                                                  **overrides))
+
+    def outpaint_task(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        image: ImageInput,
+        pad: tuple[int, int, int, int],
+        num_images: int = 1,
+        seed: int | Sequence[int] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        scorer: Scorer | None = None,
+        options: SamplingOptions | None = None,
+        **overrides: Any,
+    ) -> Task:
+        """`outpaint`'s work as a task for `submit`; every input is checked here, before any work."""
+        options = self.options(options, **overrides)
         prompts = _prompt_list(prompt)
-        job_stages = self._resolve_stages(stages)
-        stride = self.stride(job_stages)
-        images = _image_tensor(image, "image")
+        stride = self.stride(self._resolve_stages(options.stages))
+        images = self._image_input(image)
         _check_size(images, stride, "image")
         pad = _check_pad(pad, stride)
+        height, width = images.shape[-2] + pad[1] + pad[3], images.shape[-1] + pad[0] + pad[2]
+        self.config.limits.check_value("the outpainted canvas's pixels", height * width, "max_pixels")
         prompts, images, _ = _paired(prompts, images)
-        job = self._job(prompts, num_images, negative_prompt, seed, num_steps, guidance_scale, guidance_schedule,
-                        temperature, top_k, top_p, stages, superres_steps)
-        images = images.repeat_interleave(num_images, dim=0)  # (B, 3, H, W)
-        canvas = outpaint_canvas(self._encode(self.vqgan, self._base_image(images, stride, job.stages)),
-                                 token_padding(pad, stride), self.transformer.config.mask_token_id)
-        low, high = canvas.tokens, None
-        region, region_stride = canvas.mask, stride
-        if job.stages == 2:
-            region_stride = self.high_vqgan.config.downsample_factor
-            high_canvas = outpaint_canvas(self._encode(self.high_vqgan, images), token_padding(pad, region_stride),
-                                          self.superres.config.mask_token_id)
-            high, region = high_canvas.tokens, high_canvas.mask
-        low, high, _ = self._sample(job, low, high)
-        tokens = low if high is None else high
-        generated = self._decode_pixels(tokens, job.stages)
-        left, top, right, bottom = pad
-        original = F.pad(images, (left, right, top, bottom))  # (B, 3, H', W'), only read where the weight is 0
-        # No seam: the border tokens outside the image are new, so there is nothing of the input to feather into.
-        weights = feathered_composite_weights(region.cpu(), region_stride, 0)
-        pixels = composite(generated, original, weights)
-        return self._output(_to_pil(pixels), tokens, job, low if high is not None else None)
+        call = self._call(prompts, num_images, negative_prompt, seed, options)
+        return Task(self._best_of(self._outpaint(call, call.repeat(images), pad), call, scorer), "outpaint")
 
-    @torch.inference_mode()
     def edit(
         self,
         prompt: str | Sequence[str],
@@ -666,16 +564,11 @@ class MusePipeline:
         iterations: int = 1,
         mode: str = "random",
         num_images: int = 1,
-        num_steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_schedule: str | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
         seed: int | Sequence[int] | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stages: int | None = None,
-        superres_steps: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        scorer: Scorer | None = None,
+        options: SamplingOptions | None = None,
+        **overrides: Any,
     ) -> PipelineOutput:
         """Mask-free editing and variations (Muse section 4.3): re-mask a fraction `strength` of the image's tokens
         and resample them under the new prompt, `iterations` times.
@@ -685,162 +578,285 @@ class MusePipeline:
         and mode "random", the result is `pipe(prompt, seed=...)`'s). With a super-resolution stage, the high-res
         tokens under every re-masked low-res token are regenerated.
         """
+        return self.engine.run(self.edit_task(prompt, image=image, strength=strength, iterations=iterations,
+                                              mode=mode, num_images=num_images, seed=seed,
+                                              negative_prompt=negative_prompt, scorer=scorer, options=options,
+                                              **overrides))
+
+    def edit_task(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        image: ImageInput,
+        strength: float,
+        iterations: int = 1,
+        mode: str = "random",
+        num_images: int = 1,
+        seed: int | Sequence[int] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        scorer: Scorer | None = None,
+        options: SamplingOptions | None = None,
+        **overrides: Any,
+    ) -> Task:
+        """`edit`'s work as a task for `submit`; every input is checked here, before any work."""
+        options = self.options(options, **overrides)
         prompts = _prompt_list(prompt)
         if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
         _check_int(iterations, "iterations")
+        self.config.limits.check_value("iterations", iterations, "max_iterations")
         if mode not in EDIT_MODES:
             raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
-        job_stages = self._resolve_stages(stages)
-        stride = self.stride(job_stages)
-        images = _image_tensor(image, "image")
+        stride = self.stride(self._resolve_stages(options.stages))
+        images = self._image_input(image)
         _check_size(images, stride, "image")
         prompts, images, _ = _paired(prompts, images)
-        job = self._job(prompts, num_images, negative_prompt, seed, num_steps, guidance_scale, guidance_schedule,
-                        temperature, top_k, top_p, stages, superres_steps)
-        images = images.repeat_interleave(num_images, dim=0)  # (B, 3, H, W)
-        low = self._encode(self.vqgan, self._base_image(images, stride, job.stages))  # (B, h, w)
-        high = None if job.stages == 1 else self._encode(self.high_vqgan, images)
-        if strength == 0:
-            return self._output(_to_pil(images), low if high is None else high, job, None if high is None else low)
+        call = self._call(prompts, num_images, negative_prompt, seed, options)
+        steps = self._edit(call, call.repeat(images), float(strength), iterations, mode)
+        return Task(self._best_of(steps, call, scorer, unchanged=strength == 0), "edit")
 
-        mask_id = self.transformer.config.mask_token_id
-        text = self._text(job)
-        context = self.transformer.text_context(text.states, text.mask)
-        changed = torch.zeros_like(low, dtype=torch.bool)
-        for iteration in range(iterations):
-            seeds = _substream(job.seeds, 0, iteration, 0)
-            confidence = None if mode == "random" else self._confidence(low, context, job)
-            remask = edit_mask(tuple(low.shape), float(strength), seeds, confidence)  # (B, h, w)
-            changed |= remask
-            low, _ = self._fill(low.masked_fill(remask, mask_id), job, context, iteration=iteration)
-        if high is not None:
-            region = changed.repeat_interleave(self._scale, 1).repeat_interleave(self._scale, 2)  # (B, hh, wh)
-            masked = masked_grid(high, region, self.superres.config.mask_token_id)
-            high, _ = self._superres_fill(masked, low, text, job)
-        tokens = low if high is None else high
-        images = _to_pil(self._decode_pixels(tokens, job.stages))
-        return self._output(images, tokens, job, low if high is not None else None)
-
-    @torch.inference_mode()
     def upscale(
         self,
         prompt: str | Sequence[str],
         *,
         image: ImageInput,
         num_images: int = 1,
-        guidance_scale: float | None = None,
-        guidance_schedule: str | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
         seed: int | Sequence[int] | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        superres_steps: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        scorer: Scorer | None = None,
+        options: SamplingOptions | None = None,
+        **overrides: Any,
     ) -> PipelineOutput:
         """Super-resolve `image` with the super-res stage alone: the image, at the base stage's resolution (sides
         multiples of `stride(1)`), is tokenized by the base VQGAN and its tokens condition the super-res transformer,
         which decodes the high-res grid from scratch in `superres_steps` steps. Any image works, not only the base
-        stage's own; a larger one is decoded window by window. `low_res_tokens` holds the input's tokens."""
+        stage's own; a larger one is decoded window by window. `low_res_tokens` holds the input's tokens. The base
+        stage's options (num_steps, stages) do not apply."""
+        return self.engine.run(self.upscale_task(prompt, image=image, num_images=num_images, seed=seed,
+                                                 negative_prompt=negative_prompt, scorer=scorer, options=options,
+                                                 **overrides))
+
+    def upscale_task(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        image: ImageInput,
+        num_images: int = 1,
+        seed: int | Sequence[int] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        scorer: Scorer | None = None,
+        options: SamplingOptions | None = None,
+        **overrides: Any,
+    ) -> Task:
+        """`upscale`'s work as a task for `submit`; every input is checked here, before any work."""
         if self.superres is None:
             raise ValueError("this pipeline has no super-resolution stage to upscale with")
+        options = self.options(options, **overrides)
+        if options.stages == 1:
+            raise ValueError("upscale runs the super-resolution stage; stages=1 would skip it")
         prompts = _prompt_list(prompt)
-        images = _image_tensor(image, "image")
+        images = self._image_input(image)
         _check_size(images, self.stride(1), "image")
         prompts, images, _ = _paired(prompts, images)
-        job = self._job(prompts, num_images, negative_prompt, seed, None, guidance_scale, guidance_schedule,
-                        temperature, top_k, top_p, 2, superres_steps)
-        images = images.repeat_interleave(num_images, dim=0)  # (B, 3, H, W)
+        call = self._call(prompts, num_images, negative_prompt, seed, dataclasses.replace(options, stages=2))
+        return Task(self._best_of(self._upscale(call, call.repeat(images)), call, scorer), "upscale")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The tasks' steps: generators that yield engine jobs and return (PipelineOutput, mean log-probability (B,))
+
+    def _generate(self, call: _Call) -> TaskSteps:
+        B, g = call.batch_size, self.transformer.config.grid_size
+        low = self._masked(B, (g, g), self.transformer.config.mask_token_id)
+        high = None
+        if call.stages == 2:
+            high = self._masked(B, (g * self._scale, g * self._scale), self.superres.config.mask_token_id)
+        low, high, log_prob = yield from self._sample(call, low, high)
+        tokens = low if high is None else high
+        images = _to_pil(self._decode_pixels(tokens, call.stages))
+        return self._output(images, tokens, call, low if high is not None else None), log_prob
+
+    def _inpaint(self, call: _Call, images: Tensor, masks: Tensor) -> TaskSteps:
+        stride = self.stride(call.stages)
+        dilation = self.config.mask_dilation
+        # A token is regenerated if any of its pixels is masked; blank those pixels so the encoder cannot smuggle the
+        # old content into neighbouring kept tokens.
+        blanked = images.masked_fill(masks[:, None], 0.0)
+        masks = masks.to(self.device)
+        low_mask = pixel_to_token_mask(masks, stride, dilation)  # (B, h, w)
+        low = masked_grid(self._encode(self.vqgan, self._base_image(blanked, stride, call.stages)), low_mask,
+                          self.transformer.config.mask_token_id)
+        high = None
+        region, region_stride = low_mask, stride
+        if call.stages == 2:
+            region_stride = self.high_vqgan.config.downsample_factor
+            region = pixel_to_token_mask(masks, region_stride, dilation)  # (B, hh, wh)
+            high = masked_grid(self._encode(self.high_vqgan, blanked), region, self.superres.config.mask_token_id)
+        low, high, log_prob = yield from self._sample(call, low, high)
+        tokens = low if high is None else high
+        generated = self._decode_pixels(tokens, call.stages)
+        weights = feathered_composite_weights(region.cpu(), region_stride, self.config.seam)
+        pixels = composite(generated, images, weights)
+        return self._output(_to_pil(pixels), tokens, call, low if high is not None else None), log_prob
+
+    def _outpaint(self, call: _Call, images: Tensor, pad: tuple[int, int, int, int]) -> TaskSteps:
+        stride = self.stride(call.stages)
+        canvas = outpaint_canvas(self._encode(self.vqgan, self._base_image(images, stride, call.stages)),
+                                 token_padding(pad, stride), self.transformer.config.mask_token_id)
+        low, high = canvas.tokens, None
+        region, region_stride = canvas.mask, stride
+        if call.stages == 2:
+            region_stride = self.high_vqgan.config.downsample_factor
+            high_canvas = outpaint_canvas(self._encode(self.high_vqgan, images), token_padding(pad, region_stride),
+                                          self.superres.config.mask_token_id)
+            high, region = high_canvas.tokens, high_canvas.mask
+        low, high, log_prob = yield from self._sample(call, low, high)
+        tokens = low if high is None else high
+        generated = self._decode_pixels(tokens, call.stages)
+        left, top, right, bottom = pad
+        original = F.pad(images, (left, right, top, bottom))  # (B, 3, H', W'), only read where the weight is 0
+        # No seam: the border tokens outside the image are new, so there is nothing of the input to feather into.
+        weights = feathered_composite_weights(region.cpu(), region_stride, 0)
+        pixels = composite(generated, original, weights)
+        return self._output(_to_pil(pixels), tokens, call, low if high is not None else None), log_prob
+
+    def _edit(self, call: _Call, images: Tensor, strength: float, iterations: int, mode: str) -> TaskSteps:
+        stride = self.stride(call.stages)
+        low = self._encode(self.vqgan, self._base_image(images, stride, call.stages))  # (B, h, w)
+        high = None if call.stages == 1 else self._encode(self.high_vqgan, images)
+        log_prob = torch.zeros(call.batch_size, device=self.device)
+        if strength == 0:
+            out = self._output(_to_pil(images), low if high is None else high, call, None if high is None else low)
+            return out, log_prob
+
+        mask_id = self.transformer.config.mask_token_id
+        text = self._text(call)
+        context = self.transformer.text_context(text.states, text.mask)
+        changed = torch.zeros_like(low, dtype=torch.bool)
+        for iteration in range(iterations):
+            seeds = _substream(call.seeds, 0, iteration, 0)
+            confidence = None if mode == "random" else self._confidence(low, context, call)
+            remask = edit_mask(tuple(low.shape), strength, seeds, confidence)  # (B, h, w)
+            changed |= remask
+            low, log_prob = yield from self._fill(low.masked_fill(remask, mask_id), call, context, iteration=iteration)
+        if high is not None:
+            region = changed.repeat_interleave(self._scale, 1).repeat_interleave(self._scale, 2)  # (B, hh, wh)
+            masked = masked_grid(high, region, self.superres.config.mask_token_id)
+            high, high_log_prob = yield from self._superres_fill(masked, low, text, call)
+            log_prob = (log_prob + high_log_prob) / 2
+        tokens = low if high is None else high
+        images = _to_pil(self._decode_pixels(tokens, call.stages))
+        return self._output(images, tokens, call, low if high is not None else None), log_prob
+
+    def _upscale(self, call: _Call, images: Tensor) -> TaskSteps:
         low = self._encode(self.vqgan, images)  # (B, h, w)
         r = self._scale
         high = self._masked(low.shape[0], (low.shape[1] * r, low.shape[2] * r), self.superres.config.mask_token_id)
-        high, _ = self._superres_fill(high, low, self._text(job), job)
-        return self._output(_to_pil(self._decode_pixels(high, 2)), high, job, low)
+        high, log_prob = yield from self._superres_fill(high, low, self._text(call), call)
+        return self._output(_to_pil(self._decode_pixels(high, 2)), high, call, low), log_prob
+
+    def _best_of(self, steps: TaskSteps, call: _Call, scorer: Scorer | None, unchanged: bool = False) -> TaskSteps:
+        """The task's steps, then, with several candidates per image, the one of every n consecutive rows with the
+        highest score (the first on a tie). `unchanged`: the result is the input image itself, nothing to choose."""
+        out, log_prob = yield from steps
+        n = call.num_candidates
+        if n == 1 or unchanged:
+            return out if n == 1 else self._pick(out, n, torch.zeros(len(out.images)), scores=None)
+        scorer = self.scorer if scorer is None else scorer
+        if scorer is None:
+            scores = log_prob.float().cpu()
+        else:
+            scores = torch.as_tensor(scorer(out.images, out.prompts)).detach().float().cpu()
+            if scores.shape != (len(out.images),):
+                raise ValueError(f"the best-of-N scorer must return one score per image, shape ({len(out.images)},); "
+                                 f"got shape {tuple(scores.shape)}")
+            if not bool(torch.isfinite(scores).all()):
+                raise ValueError("the best-of-N scorer returned NaN or infinite scores")
+        return self._pick(out, n, scores, scores=scores)
+
+    def _pick(self, out: PipelineOutput, n: int, ranking: Tensor, scores: Tensor | None) -> PipelineOutput:
+        best = ranking.view(-1, n).argmax(dim=1)  # (B,) candidate index per image
+        rows = torch.arange(best.shape[0]) * n + best  # (B,) row of each chosen candidate
+        picked = rows.tolist()
+        index = rows.to(out.tokens.device)
+        return PipelineOutput(
+            images=[out.images[r] for r in picked],
+            tokens=out.tokens[index],
+            seeds=out.seeds[::n],
+            prompts=[out.prompts[r] for r in picked],
+            low_res_tokens=None if out.low_res_tokens is None else out.low_res_tokens[index],
+            scores=None if scores is None else scores[rows].tolist(),
+            candidate_seeds=None if scores is None else [out.candidate_seeds[r] for r in picked],
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # The shared machinery
 
-    def _job(
+    def _call(
         self,
         prompts: list[str],
         num_images: int,
         negative_prompt: str | Sequence[str] | None,
         seed: int | Sequence[int] | None,
-        num_steps: int | None,
-        guidance_scale: float | None,
-        guidance_schedule: str | None,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        stages: int | None,
-        superres_steps: int | None,
-    ) -> _Job:
-        """Check every option and expand the per-prompt ones to one row per image."""
+        options: SamplingOptions,
+    ) -> _Call:
+        """Check the per-call inputs and expand the per-prompt ones to one row per image and candidate."""
         _check_int(num_images, "num_images")
-        cfg = self.config
-        num_steps = cfg.num_steps if num_steps is None else _check_int(num_steps, "num_steps")
-        superres_steps = cfg.superres_steps if superres_steps is None else _check_int(superres_steps, "superres_steps")
-        guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
-                or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        guidance_schedule = cfg.guidance_schedule if guidance_schedule is None else guidance_schedule
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-                or not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        if top_k is not None:
-            _check_int(top_k, "top_k")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        n = options.num_candidates
+        self.config.limits.check_value("images (prompts x num_images x num_candidates)",
+                                       len(prompts) * num_images * n, "max_images")
         negatives = [""] * len(prompts)
         if negative_prompt is not None:
-            if guidance_scale <= 1:
+            if not options.guided:
                 raise ValueError(f"negative_prompt replaces the unconditional branch of guidance, which is off at "
-                                 f"guidance_scale={guidance_scale}; use a guidance_scale above 1")
-            negatives = _broadcast(_prompt_list(negative_prompt, "negative_prompt"), len(prompts), "negative_prompt")
-        rows = [p for p in prompts for _ in range(num_images)]
-        return _Job(
-            prompts=rows,
-            negatives=[n for n in negatives for _ in range(num_images)],
-            seeds=torch.tensor(_seed_list(seed, len(rows)), dtype=torch.int64, device=self.device),
-            num_steps=num_steps,
-            superres_steps=superres_steps,
-            guidance_scale=float(guidance_scale),
-            guidance_schedule=guidance_schedule,
-            temperature=float(temperature),
-            top_k=top_k,
-            top_p=None if top_p is None else float(top_p),
-            stages=self._resolve_stages(stages),
+                                 f"guidance_scale={options.guidance_scale}; use a guidance_scale above 1")
+            negatives = _broadcast(_prompt_list(negative_prompt, "negative_prompt"), len(prompts), "negative_prompt",
+                                   "prompts")
+        image_seeds = _seed_list(seed, len(prompts) * num_images)
+        seeds = torch.tensor(image_seeds, dtype=torch.int64, device=self.device)
+        # Candidate j of the image with seed s: seed (s * n + j) mod 2**32, so distinct images' candidates never share
+        # a seed (below 2**32 / n), and n = 1 is the image's own seed.
+        seeds = ((seeds[:, None] * n + torch.arange(n, device=self.device)) % MAX_SEED).flatten()  # (B,)
+        return _Call(
+            prompts=[p for p in prompts for _ in range(num_images * n)],
+            negatives=[q for q in negatives for _ in range(num_images * n)],
+            seeds=seeds,
+            image_seeds=image_seeds,
+            options=options,
+            stages=self._resolve_stages(options.stages),
         )
 
-    def _text(self, job: _Job) -> TextEmbedding:
-        """The text of every row, encoded once: B conditional rows, then B unconditional ones when guided."""
-        return self.text_encoder(job.text_rows)
+    def _image_input(self, image: ImageInput) -> Tensor:
+        images = _image_tensor(image, "image")
+        self.config.limits.check_value(f"the image's pixels ({images.shape[-1]}x{images.shape[-2]})",
+                                       images.shape[-1] * images.shape[-2], "max_pixels")
+        return images
 
-    def _sample(self, job: _Job, low: Tensor, high: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    def _text(self, call: _Call) -> TextEmbedding:
+        """The text of every row, encoded once: B conditional rows, then B unconditional ones when guided."""
+        return self.text_encoder(call.text_rows)
+
+    def _sample(self, call: _Call, low: Tensor, high: Tensor | None) -> TaskSteps:
         """Fill the mask tokens of the base grid `low` (B, h, w) and then, when given, of the super-res grid `high`
         (B, h * scale, w * scale) conditioned on the filled base grid.
 
-        Also returns the mean log-probability (B,) of the decoded tokens: each stage's mean, averaged over the
+        Returns (low, high, mean log-probability (B,) of the decoded tokens): each stage's mean, averaged over the
         stages, so that the super-res stage's many more tokens do not drown the base stage that sets the layout."""
-        text = self._text(job)
-        low, log_prob = self._fill(low, job, self.transformer.text_context(text.states, text.mask))
+        text = self._text(call)
+        low, log_prob = yield from self._fill(low, call, self.transformer.text_context(text.states, text.mask))
         if high is not None:
-            high, high_log_prob = self._superres_fill(high, low, text, job)
+            high, high_log_prob = yield from self._superres_fill(high, low, text, call)
             log_prob = (log_prob + high_log_prob) / 2
         return low, high, log_prob
 
-    def _fill(self, grid: Tensor, job: _Job, context: TextContext, iteration: int = 0) -> tuple[Tensor, Tensor]:
+    def _fill(self, grid: Tensor, call: _Call, context: TextContext, iteration: int = 0) -> TaskSteps:
         """Base stage: decode the mask tokens of `grid` (B, h, w), one model-sized window at a time."""
         g = self.transformer.config.grid_size
-        return self._decode_windows(
-            grid, self.transformer, lambda window: context, (g, g), self._overlap(g), job, job.num_steps,
-            stage=0, iteration=iteration, row_keys=job.text_rows,
-        )
+        return (yield from self._decode_windows(
+            grid, self.transformer, lambda window: context, (g, g), self._overlap(g), call, stage=0,
+            iteration=iteration, row_keys=tuple(call.text_rows),
+        ))
 
-    def _superres_fill(self, high: Tensor, low: Tensor, text: TextEmbedding, job: _Job) -> tuple[Tensor, Tensor]:
+    def _superres_fill(self, high: Tensor, low: Tensor, text: TextEmbedding, call: _Call) -> TaskSteps:
         """Super-res stage: decode the mask tokens of `high` (B, hh, wh) given the complete base grid `low` (B, h, w).
 
         Windows are laid on the high-res grid with the base stage's overlap in low-res tokens, so every window is
@@ -852,12 +868,12 @@ class MusePipeline:
             crop = low[:, window.top // r : (window.top + window.height) // r,
                        window.left // r : (window.left + window.width) // r]  # (B, h', w')
             flat = crop.reshape(crop.shape[0], -1)  # (B, h' * w')
-            if job.guided:
+            if call.guided:
                 flat = torch.cat([flat, flat])
             return self.superres.context(flat, text.states, text.mask, low_grid=tuple(crop.shape[1:]))
 
         overlap = r * self._overlap(self.transformer.config.grid_size)
-        return self._decode_windows(high, self.superres, context, (g, g), overlap, job, job.superres_steps, stage=1)
+        return (yield from self._decode_windows(high, self.superres, context, (g, g), overlap, call, stage=1))
 
     def _decode_windows(
         self,
@@ -866,17 +882,16 @@ class MusePipeline:
         context_of: Callable[[Window], TextContext],
         window: tuple[int, int],
         overlap: int,
-        job: _Job,
-        num_steps: int,
+        call: _Call,
         stage: int,
         iteration: int = 0,
-        row_keys: Sequence[str] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Decode every mask token of `grid` (B, h, w) with `model`, one window of at most `window` tokens at a time.
-        `row_keys` names the text rows of every window's context that are equal (see `guided_logits_fn`).
+        row_keys: tuple[str, ...] | None = None,
+    ) -> TaskSteps:
+        """Decode every mask token of `grid` (B, h, w) with `model`, one window of at most `window` tokens at a time,
+        each window a job. `row_keys` names the text rows of every window's context that are equal.
 
-        A grid no larger than the window is a single decode. The plan is shared by the batch (a token is decoded in
-        the first window that holds it unknown in any row), and each window's randomness is its own sub-stream of the
+        A grid no larger than the window is a single job. The plan is shared by the batch (a token is decoded in the
+        first window that holds it unknown in any row), and each window's randomness is its own sub-stream of the
         rows' seeds, the first window using the seeds themselves.
 
         Returns the filled grid and the mean log-probability (B,) of the tokens decoded (0 for a row with none).
@@ -890,50 +905,24 @@ class MusePipeline:
         for index, win in enumerate(plan):
             crop = grid[:, win.rows, win.cols]
             h, w = crop.shape[1:]
-            logits_fn = guided_logits_fn(
-                model, context_of(win), (h, w), job.guidance_scale, job.guidance_schedule, row_keys
-            )
-            out = decode(
-                crop.reshape(B, h * w), logits_fn,  # (B, L)
-                mask_token_id=mask_id,
-                seeds=_substream(job.seeds, stage, iteration, index),
-                num_steps=num_steps,
-                schedule=self.config.mask_schedule,
-                temperature=job.temperature,
-                top_k=job.top_k,
-                top_p=job.top_p,
-                choice_temperature=self.config.choice_temperature,
+            out = yield Job(
+                model=model,
+                tokens=crop.reshape(B, h * w),  # (B, L)
+                grid=(h, w),
+                context=context_of(win),
+                settings=call.options.decode_settings(stage),
+                seeds=_substream(call.seeds, stage, iteration, index),
+                guidance_scale=call.options.guidance_scale,
+                guidance_schedule=call.options.guidance_schedule,
+                row_keys=row_keys,
             )
             grid[:, win.rows, win.cols] = out.tokens.view(B, h, w)  # (B, h, w)
             log_prob_sum += out.log_probs.sum(dim=1)
             decoded += out.generated.sum(dim=1)
         return grid, log_prob_sum / decoded.clamp(min=1)
 
-    def _best_of(self, out: PipelineOutput, n: int, scorer: Scorer | None, log_prob: Tensor) -> PipelineOutput:
-        """Keep, of every n consecutive candidates of `out`, the one with the highest score (the first on a tie)."""
-        if scorer is None:
-            scores = log_prob.float().cpu()
-        else:
-            scores = torch.as_tensor(scorer(out.images, out.prompts)).detach().float().cpu()
-            if scores.shape != (len(out.images),):
-                raise ValueError(f"the best-of-N scorer must return one score per image, shape ({len(out.images)},); "
-                                 f"got shape {tuple(scores.shape)}")
-            if not bool(torch.isfinite(scores).all()):
-                raise ValueError("the best-of-N scorer returned NaN or infinite scores")
-        best = scores.view(-1, n).argmax(dim=1)  # (B,) candidate index per image
-        rows = torch.arange(best.shape[0]) * n + best  # (B,) row of each chosen candidate
-        picked = rows.tolist()
-        return PipelineOutput(
-            images=[out.images[r] for r in picked],
-            tokens=out.tokens[rows.to(out.tokens.device)],
-            seeds=[out.seeds[r] for r in picked],
-            prompts=[out.prompts[r] for r in picked],
-            low_res_tokens=None if out.low_res_tokens is None else out.low_res_tokens[rows.to(out.tokens.device)],
-            scores=scores[rows].tolist(),
-        )
-
-    def _confidence(self, tokens: Tensor, context: TextContext, job: _Job) -> Tensor:
-        """(B, h, w) guided log-probability of each token of a complete grid under the job's prompts."""
+    def _confidence(self, tokens: Tensor, context: TextContext, call: _Call) -> Tensor:
+        """(B, h, w) guided log-probability of each token of a complete grid under the call's prompts."""
         g = self.transformer.config.grid_size
         B = tokens.shape[0]
         confidence = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
@@ -941,12 +930,9 @@ class MusePipeline:
         for win in plan_windows(everything, (g, g), self._overlap(g)):
             crop = tokens[:, win.rows, win.cols]
             h, w = crop.shape[1:]
-            logits_fn = guided_logits_fn(
-                self.transformer, context, (h, w), job.guidance_scale, job.guidance_schedule, job.text_rows
-            )
-            positions = torch.arange(h * w, device=tokens.device).expand(B, h * w)
             flat = crop.reshape(B, h * w)  # (B, L)
-            logits = logits_fn(flat, positions, DecodeStep(0, 1)).float()  # (B, L, K)
+            positions = torch.arange(h * w, device=tokens.device).expand(B, h * w)
+            logits = guided_logits(self.transformer, flat, positions, context, (h, w), call.options.guidance_scale)
             log_probs = logits.log_softmax(dim=-1).gather(-1, flat[..., None])  # (B, L, 1)
             confidence[:, win.rows, win.cols] = log_probs.view(B, h, w)  # (B, h, w)
         return confidence
@@ -972,6 +958,14 @@ class MusePipeline:
         # bit of a pixel must not depend on which other images were in the batch. Decoding is a small part of a call.
         return torch.cat([vqgan.decode(row[None]).float().cpu() for row in tokens])
 
+    def decode_preview(self, tokens: Tensor, stage: int) -> list[Image.Image]:
+        """Images of (B, L) preview tokens (`engine.Step.preview()`) of a square stage-`stage` grid (0 base, 1
+        super-res): what a live preview shows."""
+        side = math.isqrt(tokens.shape[1])
+        mask_id = (self.transformer if stage == 0 else self.superres).config.mask_token_id
+        grid = tokens.view(-1, side, side).clamp(max=mask_id - 1)  # never-sampled positions show code K-1
+        return _to_pil(self._decode_pixels(grid, 1 if stage == 0 else 2))
+
     def _base_image(self, images: Tensor, stride: int, stages: int) -> Tensor:
         """(B, 3, H, W) images at the output resolution -> the base VQGAN's resolution (H / stride tokens high).
 
@@ -983,9 +977,33 @@ class MusePipeline:
         size = (images.shape[-2] // stride * f, images.shape[-1] // stride * f)
         return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
-    def _output(self, images: list[Image.Image], tokens: Tensor, job: _Job, low: Tensor | None) -> PipelineOutput:
-        return PipelineOutput(images=images, tokens=tokens, seeds=[int(s) for s in job.seeds.tolist()],
-                              prompts=list(job.prompts), low_res_tokens=low)
+    def _output(self, images: list[Image.Image], tokens: Tensor, call: _Call, low: Tensor | None) -> PipelineOutput:
+        n = call.num_candidates
+        row_seeds = [int(s) for s in call.seeds.tolist()]
+        return PipelineOutput(images=images, tokens=tokens, seeds=[s for s in call.image_seeds for _ in range(n)],
+                              prompts=list(call.prompts), low_res_tokens=low,
+                              candidate_seeds=row_seeds if n > 1 else None)
+
+
+def guided_logits(
+    model: nn.Module,
+    tokens: Tensor,
+    positions: Tensor,
+    context: TextContext,
+    grid: tuple[int, int],
+    guidance_scale: float,
+) -> Tensor:
+    """Logits (B, M, K) of one forward with classifier-free guidance: `context` holds B rows, or 2B (conditional,
+    then unconditional) with guidance_scale > 1, mixed as uncond + s * (cond - uncond). For a single forward outside
+    the engine (editing's confidence), with the engine's row chunks."""
+    if guidance_scale > 1:
+        tokens, positions = torch.cat([tokens, tokens]), torch.cat([positions, positions])  # (2B, L), (2B, M)
+    chunks = split_rows(context, rows_per_forward(tokens.device, grid[0] * grid[1], tokens.shape[0]))
+    logits = forward_rows(model, tokens, positions, chunks, grid, [torch.empty(0)])
+    if guidance_scale <= 1:
+        return logits
+    cond, uncond = logits.chunk(2)  # each (B, M, K)
+    return uncond + guidance_scale * (cond - uncond)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1033,18 +1051,6 @@ def _seed_list(seed: int | Sequence[int] | None, n: int) -> list[int]:
     return seeds
 
 
-def _candidates(job: _Job, n: int) -> _Job:
-    """The job with every row repeated n times, candidate j of a row with seed s taking seed (s * n + j) mod 2**32:
-    distinct images' candidates never share a seed (below 2**32 / n), and n = 1 is the job itself."""
-    seeds = (job.seeds[:, None] * n + torch.arange(n, device=job.seeds.device)) % MAX_SEED  # (B, n)
-    return dataclasses.replace(
-        job,
-        prompts=[p for p in job.prompts for _ in range(n)],
-        negatives=[p for p in job.negatives for _ in range(n)],
-        seeds=seeds.flatten(),
-    )
-
-
 def _substream(seeds: Tensor, stage: int, iteration: int, window: int) -> Tensor:
     """Seeds for one (stage, edit round, window) of a call: the image's own seeds for (0, 0, 0), so the first window
     of the base stage reproduces plain generation; otherwise the same 32-bit seed with a distinct high word (the
@@ -1053,12 +1059,13 @@ def _substream(seeds: Tensor, stage: int, iteration: int, window: int) -> Tensor
     return seeds + (tag << 32)
 
 
-def _broadcast(values: list, n: int, name: str) -> list:
+def _broadcast(values: list, n: int, name: str, of: str) -> list:
+    """`values` for n things (`of` names them): one value broadcasts, n pair up."""
     if len(values) == n:
         return values
     if len(values) == 1:
         return values * n
-    raise ValueError(f"got {len(values)} values for {name} but {n} images to make; give one or {n}")
+    raise ValueError(f"got {len(values)} values for {name} but {n} {of}; give one or {n}")
 
 
 def _paired(
@@ -1074,7 +1081,7 @@ def _paired(
     def expand(x: Tensor) -> Tensor:
         return x.expand(n, *x.shape[1:])
 
-    return _broadcast(prompts, n, "prompt"), expand(images), None if masks is None else expand(masks)
+    return _broadcast(prompts, n, "prompt", "images"), expand(images), None if masks is None else expand(masks)
 
 
 def _open_image(path: str | os.PathLike, name: str) -> Image.Image:
@@ -1180,13 +1187,6 @@ def _to_pil(pixels: Tensor) -> list[Image.Image]:
 # Files
 
 
-def bundled_presets() -> list[str]:
-    """Names of the models shipped inside the package (loadable with `MusePipeline.from_pretrained(name)`)."""
-    if not ASSETS.is_dir():
-        return []
-    return sorted(d.name for d in ASSETS.iterdir() if (d / PIPELINE_FILE).is_file())
-
-
 def _resolve_model(path: str | os.PathLike | None) -> Path:
     """The pipeline directory that `path` names: an existing directory, else a bundled preset name."""
     if path is None:
@@ -1196,12 +1196,12 @@ def _resolve_model(path: str | os.PathLike | None) -> Path:
                 "saved pipeline instead: MusePipeline.from_pretrained('path/to/model') (--model PATH on the command "
                 "line)"
             )
-        return ASSETS / DEFAULT_PRESET
+        return bundled.ASSETS / DEFAULT_PRESET
     directory = Path(path)
     if directory.is_dir():
         return directory
     if isinstance(path, str) and path in bundled_presets():
-        return ASSETS / path
+        return bundled.ASSETS / path
     presets = bundled_presets()
     known = f"; bundled presets: {', '.join(presets)}" if presets else ""
     raise FileNotFoundError(f"no pipeline directory or bundled preset named {os.fspath(path)!r}{known}")

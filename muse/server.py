@@ -34,19 +34,21 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from muse.options import option_names
+
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
-SAMPLING_OPTIONS = {"num_images", "num_steps", "guidance_scale", "guidance_schedule", "negative_prompt", "seed",
-                    "temperature", "top_k", "top_p", "stages", "superres_steps"}
+# Every task's per-call arguments, and every sampling option by its field name.
+CALL_OPTIONS = {"num_images", "seed", "negative_prompt"} | set(option_names())
 # endpoint -> (pipeline method, options it takes besides `prompt`, options that are images)
 ENDPOINTS: dict[str, tuple[str, set[str], set[str]]] = {
-    "/generate": ("__call__", SAMPLING_OPTIONS | {"num_candidates"}, set()),
-    "/inpaint": ("inpaint", SAMPLING_OPTIONS | {"image", "mask"}, {"image", "mask"}),
-    "/outpaint": ("outpaint", SAMPLING_OPTIONS | {"image", "pad"}, {"image"}),
-    "/edit": ("edit", SAMPLING_OPTIONS | {"image", "strength", "iterations", "mode"}, {"image"}),
+    "/generate": ("__call__", CALL_OPTIONS, set()),
+    "/inpaint": ("inpaint", CALL_OPTIONS | {"image", "mask"}, {"image", "mask"}),
+    "/outpaint": ("outpaint", CALL_OPTIONS | {"image", "pad"}, {"image"}),
+    "/edit": ("edit", CALL_OPTIONS | {"image", "strength", "iterations", "mode"}, {"image"}),
     # The super-res stage alone: no base-stage steps, no choice of stages.
-    "/upscale": ("upscale", SAMPLING_OPTIONS - {"num_steps", "stages"} | {"image"}, {"image"}),
+    "/upscale": ("upscale", CALL_OPTIONS - {"num_steps", "stages"} | {"image"}, {"image"}),
 }
 
 

@@ -1,6 +1,6 @@
 """Mask schedules, parallel decoding and editing masks. Knows nothing of networks or text."""
 
-from sampling.decode import DecodeOutput, DecodeStep, LogitsFn, decode
+from sampling.decode import DecodeOutput, DecodeSettings, DecodeState, DecodeStep, LogitsFn, NonFiniteLogits, decode
 from sampling.masks import (
     TokenCanvas,
     Window,
@@ -19,8 +19,11 @@ from sampling.schedule import SCHEDULES, mask_ratio, num_masked, sample_mask_rat
 __all__ = [
     "SCHEDULES",
     "DecodeOutput",
+    "DecodeSettings",
+    "DecodeState",
     "DecodeStep",
     "LogitsFn",
+    "NonFiniteLogits",
     "TokenCanvas",
     "Window",
     "composite",

@@ -42,12 +42,17 @@ def seed_keys(seeds: Tensor) -> Tensor:
     return mix32(mix32(lo ^ 0x9E3779B9) ^ hi)
 
 
-def random_bits(keys: Tensor, step: int, stream: int, positions: Tensor) -> Tensor:
+MAX_STEP = 2**24  # steps are absorbed as 24 bits beside the 8-bit stream
+
+
+def random_bits(keys: Tensor, step: int | Tensor, stream: int, positions: Tensor) -> Tensor:
     """Uniform 32-bit integers (int64 in [0, 2**32)) for each (row key, step, stream, position).
 
-    keys: (B,) from `seed_keys`; positions: (B, M) or (M,) integer grid positions. Returns (B, M).
+    keys: (B,) from `seed_keys`; step: one int for every row, or a (B,) integer tensor (rows at different steps; its
+    values must lie in [0, MAX_STEP), which callers guarantee -- checking would cost a device sync per call);
+    positions: (B, M) or (M,) integer grid positions. Returns (B, M).
     """
-    if not 0 <= step < 2**24 or not 0 <= stream < 2**8:
+    if not 0 <= stream < 2**8 or (not isinstance(step, Tensor) and not 0 <= step < MAX_STEP):
         raise ValueError(f"random_bits: step must be in [0, 2**24) and stream in [0, 2**8), got {step}, {stream}")
     row = mix32(keys ^ ((stream << 24) | step))[:, None]  # (B, 1)
     # Two rounds with an independent second key: two rows whose keys differ by x would otherwise share values at

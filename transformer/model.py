@@ -57,6 +57,22 @@ class TextContext:
             None if self.inputs is None else self.inputs[rows],
         )
 
+    @staticmethod
+    def cat(contexts: list[TextContext]) -> TextContext:
+        """The rows of `contexts`, one after another (they must have the same layers and key count S)."""
+        if len(contexts) == 1:
+            return contexts[0]
+        first = contexts[0]
+        shapes = {(len(c.layers), c.bias.shape[-1], c.inputs is None) for c in contexts}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot concatenate text contexts of different layers / key counts / inputs: {shapes}")
+        layers = tuple(
+            KeyValue(torch.cat([c.layers[i].keys for c in contexts]), torch.cat([c.layers[i].values for c in contexts]))
+            for i in range(len(first.layers))
+        )
+        inputs = None if first.inputs is None else torch.cat([c.inputs for c in contexts])
+        return TextContext(layers, torch.cat([c.bias for c in contexts]), inputs)
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection; no mask (the model is bidirectional)."""

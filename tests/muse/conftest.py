@@ -57,6 +57,7 @@ def opinionated(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_pipeline(text_dir: Path, superres: bool):
+    from muse.options import SamplingOptions
     from muse.pipeline import MusePipeline, PipelineConfig
     from superres.model import SuperResTransformer
     from transformer.model import MaskedTransformer
@@ -64,7 +65,7 @@ def build_pipeline(text_dir: Path, superres: bool):
     from vqgan.model import VQGAN
 
     # Few steps keep tests fast; guidance on so both branches are exercised by default.
-    config = PipelineConfig(num_steps=4, guidance_scale=3.0, superres_steps=3, seam=2)
+    config = PipelineConfig(sampling=SamplingOptions(num_steps=4, guidance_scale=3.0, superres_steps=3), seam=2)
     torch.manual_seed(1)
     vqgan = VQGAN(VQGAN_CONFIG)
     transformer = opinionated(MaskedTransformer(BASE_CONFIG))

@@ -141,7 +141,7 @@ def test_upscale_command_doubles_an_image_with_the_cascade(tiny_cascade, tiny_pi
     (["outpaint", "x", "--image", "IMG", "--pad", "0,0,6,0"], "muse outpaint: pad (0, 0, 6, 0) must be multiples of 4"),
     (["edit", "x", "--image", "IMG", "--strength", "2"], r"muse edit: strength must be a number in [0, 1]"),
     (["edit", "x", "--image", "NOTES", "--strength", "0.5"], "notes.png is not an image file"),
-    (["generate", "--num-images", "0", "x"], "--batch-size, --num-images and --num-candidates must be >= 1"),
+    (["generate", "--num-images", "0", "x"], "--num-images must be >= 1, got 0"),
     (["generate"], "give either a prompt or --prompts FILE"),
 ])
 def test_command_errors_exit_with_a_message(tiny_pipeline_dir, tmp_path, argv, message):
@@ -182,20 +182,22 @@ def test_num_candidates_picks_the_best_of_n_and_records_its_score(tiny_pipeline_
         "--model", tiny_pipeline_dir)
     expected = MusePipeline.from_pretrained(tiny_pipeline_dir)("a red apple", seed=5, num_steps=2, num_candidates=3)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(expected.images[0]))
-    assert f"best-of-N score {expected.scores[0]:.3f}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(seed 5;" in printed and f"candidate seed {expected.candidate_seeds[0]}, score {expected.scores[0]:.3f}" \
+        in printed
 
     (tmp_path / "prompts.txt").write_text("a red apple\na dog\n")
     run("generate", "--prompts", tmp_path / "prompts.txt", "--candidates", 3, "--seed", 5, "--steps", 2,
         "--out", tmp_path / "out", "--model", tiny_pipeline_dir)
     records = read_manifest(tmp_path / "out")
     assert records[0]["score"] == pytest.approx(expected.scores[0])
-    assert records[0]["seed"] == 5 and records[0]["candidate_seed"] == expected.seeds[0]
+    assert records[0]["seed"] == 5 and records[0]["candidate_seed"] == expected.candidate_seeds[0]
     assert records[1]["parameters"]["num_candidates"] == 3
-    alone = MusePipeline.from_pretrained(tiny_pipeline_dir)("a red apple", seed=expected.seeds[0], num_steps=2)
+    alone = MusePipeline.from_pretrained(tiny_pipeline_dir)("a red apple", seed=expected.candidate_seeds[0], num_steps=2)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "000000.png")), np.asarray(alone.images[0]))
     run("generate", "--prompts", tmp_path / "prompts.txt", "--candidates", 3, "--seed", 5, "--steps", 2,
         "--out", tmp_path / "out", "--model", tiny_pipeline_dir)
     assert "0 new, 2 already done" in capsys.readouterr().out  # best-of-N runs resume too
 
-    with pytest.raises(SystemExit, match="--num-candidates must be >= 1"):
+    with pytest.raises(SystemExit, match="num_candidates must be >= 1"):
         run("generate", "x", "--num-candidates", 0, "--out", tmp_path / "o", "--model", tiny_pipeline_dir)

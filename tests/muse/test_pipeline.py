@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import muse.pipeline as pipeline_module
-from muse.pipeline import MusePipeline, PipelineOutput, guided_logits_fn
-from sampling import DecodeStep, decode
-from transformer.model import TextContext
+from muse.pipeline import MusePipeline, PipelineOutput
+from sampling import decode
 
 PROMPTS = ["a red apple", "a dog with a face", "blue sky", "a green tree", "a house", "a car", "the cat", "a sunny sky"]
 
@@ -78,7 +76,7 @@ def test_cached_context_and_restricted_logits_match_a_naive_computation(tiny_pip
         reference = decode(
             start, naive_logits_fn(tiny_pipe, prompts, [negative or ""] * 3, scale, schedule),
             mask_token_id=mask_id, seeds=torch.tensor(seeds), num_steps=5,
-            schedule=tiny_pipe.config.mask_schedule, choice_temperature=tiny_pipe.config.choice_temperature,
+            schedule=tiny_pipe.config.sampling.mask_schedule, choice_temperature=tiny_pipe.config.sampling.choice_temperature,
         )
     assert torch.equal(out.tokens.view(3, 16), reference.tokens)
 
@@ -107,53 +105,6 @@ def test_guidance_runs_one_batched_forward_per_step_and_one_context_per_call(tin
     # logits only at the still-masked positions: all 16 at first, fewer at every later step
     widths = [positions.shape[1] for _, _, positions, _ in forwards]
     assert widths[0] == 16 and all(a > b for a, b in zip(widths, widths[1:]))
-
-
-@pytest.mark.parametrize("scale", [3.0, 1.0])
-def test_rows_with_the_same_prompt_and_grid_are_computed_once(tiny_pipe, monkeypatch, scale):
-    model = tiny_pipe.transformer
-    prompts = ["a dog", "a dog", "a cat", "a dog"]
-    keys = prompts + [""] * 4 if scale > 1 else prompts
-    text = tiny_pipe.text_encoder(keys)
-    context = model.text_context(text.states, text.mask)
-    mask_id = model.config.mask_token_id
-    masked = torch.full((4, 16), mask_id, dtype=torch.long)
-    positions = torch.arange(16).expand(4, 16)
-    step = DecodeStep(0, 4)
-    with torch.inference_mode():
-        plain = guided_logits_fn(model, context, (4, 4), scale)(masked, positions, step)
-        forwards = count_calls(monkeypatch, model, "forward")
-        deduplicated = guided_logits_fn(model, context, (4, 4), scale, row_keys=keys)
-        logits = deduplicated(masked, positions, step)
-        assert [call[0].shape[0] for call in forwards] == [3 if scale > 1 else 2]  # dog, cat (+ the empty prompt)
-        assert torch.allclose(logits, plain, atol=1e-5)
-        # Different grids: every row is computed.
-        partly = masked.clone()
-        partly[1, :3] = 0
-        expected = guided_logits_fn(model, context, (4, 4), scale)(partly, positions, step).clone()
-        assert torch.allclose(deduplicated(partly, positions, step), expected, atol=1e-5)
-        assert forwards[-1][0].shape[0] == len(keys)
-    with pytest.raises(ValueError, match="one key per context row"):
-        guided_logits_fn(model, context, (4, 4), scale, row_keys=keys[:-1])
-
-
-@pytest.mark.parametrize("scale", [3.0, 1.0])
-def test_cpu_forwards_are_split_into_chunks_of_rows_with_the_same_logits(tiny_pipe, monkeypatch, scale):
-    model = tiny_pipe.transformer
-    prompts = ["a dog", "a cat", "a red apple"]
-    text = tiny_pipe.text_encoder(prompts + [""] * 3 if scale > 1 else prompts)
-    context = model.text_context(text.states, text.mask)
-    tokens = torch.randint(0, 16, (3, 16)).masked_fill(torch.rand(3, 16) < 0.5, model.config.mask_token_id)
-    positions = torch.stack([torch.randperm(16)[:7] for _ in range(3)])
-    with torch.inference_mode():
-        whole = guided_logits_fn(model, context, (4, 4), scale)(tokens, positions, DecodeStep(1, 4)).clone()
-        monkeypatch.setattr(pipeline_module, "CPU_TOKENS_PER_FORWARD", 32)  # 2 rows of 16 tokens per forward
-        forwards = count_calls(monkeypatch, model, "forward")
-        chunked = guided_logits_fn(model, context, (4, 4), scale)
-        for step in range(2):  # the second call reuses the first one's buffer
-            assert torch.allclose(chunked(tokens, positions, DecodeStep(step, 4)), whole, atol=1e-5)
-    rows = [call[0].shape[0] for call in forwards]
-    assert rows == ([2, 2, 2] if scale > 1 else [2, 1]) * 2
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.0])
@@ -189,24 +140,6 @@ def test_negative_prompt_replaces_the_unconditional_branch(tiny_pipe, monkeypatc
     per_prompt = tiny_pipe(["a dog", "a cat"], seed=[0, 1], negative_prompt=["blurry", ""])
     assert torch.equal(per_prompt.tokens[0], with_negative.tokens[0])
     assert torch.equal(per_prompt.tokens[1], without.tokens[1])
-
-
-def test_guided_logits_fn_combines_branches_on_logits():
-    calls = []
-
-    def model(tokens, context, positions, grid):
-        calls.append(tokens.shape[0])
-        B = tokens.shape[0] // 2
-        return torch.cat([torch.full((B, positions.shape[1], 3), 2.0), torch.full((B, positions.shape[1], 3), 1.0)])
-
-    from sampling import DecodeStep
-
-    context = TextContext(layers=(), bias=torch.zeros(2, 1, 1, 1))  # [cond; uncond] of one grid; unread by the model
-    fn = guided_logits_fn(model, context, (2, 2), 3.0, "linear")
-    tokens, positions = torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)
-    first, last = fn(tokens, positions, DecodeStep(0, 4)), fn(tokens, positions, DecodeStep(3, 4))
-    assert calls == [2, 2]
-    assert torch.allclose(first, torch.full((1, 2, 3), 1.0 + 1.5)) and torch.allclose(last, torch.full((1, 2, 3), 4.0))
 
 
 def test_save_then_load_gives_identical_images(tiny_pipe, tmp_path):
@@ -246,17 +179,17 @@ def test_a_pipeline_can_default_to_its_base_stage(tiny_cascade, tiny_pipe, tmp_p
     import dataclasses
 
     base_first = MusePipeline(tiny_cascade.vqgan, tiny_cascade.text_encoder, tiny_cascade.transformer,
-                              tiny_cascade.superres, config=dataclasses.replace(tiny_cascade.config, stages=1))
+                              tiny_cascade.superres, config=tiny_cascade.config.with_sampling(stages=1))
     assert base_first.resolution() == 16 and base_first.resolution(stages=2) == 32
     assert base_first("a dog", seed=1).images[0].size == (16, 16)
     assert base_first("a dog", seed=1, stages=2).images[0].size == (32, 32)
     base_first.save_pretrained(tmp_path / "p")
-    assert MusePipeline.from_pretrained(tmp_path / "p").config.stages == 1
-    with pytest.raises(ValueError, match="config.stages=2 needs a super-resolution stage"):
+    assert MusePipeline.from_pretrained(tmp_path / "p").config.sampling.stages == 1
+    with pytest.raises(ValueError, match="config.sampling.stages=2 needs a super-resolution stage"):
         MusePipeline(tiny_pipe.vqgan, tiny_pipe.text_encoder, tiny_pipe.transformer,
-                     config=dataclasses.replace(tiny_pipe.config, stages=2))
-    with pytest.raises(ValueError, match="stages must be 1, 2 or None"):
-        dataclasses.replace(tiny_pipe.config, stages=3)
+                     config=tiny_pipe.config.with_sampling(stages=2))
+    with pytest.raises(ValueError, match="stages must be one of 1, 2"):
+        tiny_pipe.config.with_sampling(stages=3)
 
 
 def test_upscale_is_the_cascades_second_stage_on_any_base_size_image(tiny_cascade, tiny_pipe, monkeypatch):

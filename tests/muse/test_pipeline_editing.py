@@ -76,14 +76,14 @@ def test_inpaint_with_nothing_masked_returns_the_input(tiny_pipe, picture):
 def test_outpaint_beyond_the_grid_keeps_the_original_and_decodes_in_windows(tiny_pipe, picture, monkeypatch):
     import muse.pipeline as pipeline_module
 
-    decodes = []
-    real = pipeline_module.decode
+    decodes = []  # one engine job per window
+    real = pipeline_module.Job
 
-    def counted(tokens, *args, **kwargs):
-        decodes.append(tokens.shape)
-        return real(tokens, *args, **kwargs)
+    def counted(**fields):
+        decodes.append(fields["tokens"].shape)
+        return real(**fields)
 
-    monkeypatch.setattr(pipeline_module, "decode", counted)
+    monkeypatch.setattr(pipeline_module, "Job", counted)
     pad = (8, 4, 24, 0)  # canvas 48 x 20 px = 12 x 5 tokens, larger than the 4 x 4 grid
     out = tiny_pipe.outpaint("a sunny sky", image=picture, pad=pad, seed=1, num_images=2)
     assert [im.size for im in out.images] == [(48, 20), (48, 20)] and out.tokens.shape == (2, 5, 12)

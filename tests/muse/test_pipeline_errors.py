@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import muse.pipeline as pipeline_module
+from muse import bundled
 from muse.pipeline import MusePipeline, PipelineConfig
 
 IMAGE = Image.new("RGB", (16, 16), (200, 30, 30))
@@ -35,7 +35,7 @@ MASK = np.ones((16, 16), bool)
         (lambda p: p("a", top_k=0), ValueError, "top_k must be >= 1"),
         (lambda p: p("a", top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
         (lambda p: p("a", stages=2), ValueError, "stages=2 needs a super-resolution stage"),
-        (lambda p: p("a", stages=3), ValueError, "stages must be 1 or 2"),
+        (lambda p: p("a", stages=3), ValueError, "stages must be one of 1, 2"),
         (lambda p: p.inpaint("a", image=IMAGE, mask=np.ones((8, 8), bool)), ValueError,
          "mask is 8x8 pixels but the image is 16x16"),
         (lambda p: p.inpaint("a", image=Image.new("RGB", (18, 16)), mask=np.ones((16, 18), bool)), ValueError,
@@ -73,7 +73,7 @@ def test_image_files_that_are_not_images_or_missing(tiny_pipe, tmp_path):
 
 
 def test_bundled_model_absent_or_unknown_preset_is_explained(monkeypatch, tmp_path, tiny_pipeline_dir):
-    monkeypatch.setattr(pipeline_module, "ASSETS", tmp_path / "assets")
+    monkeypatch.setattr(bundled, "ASSETS", tmp_path / "assets")
     with pytest.raises(FileNotFoundError, match="bundled default model is not installed.*from_pretrained"):
         MusePipeline.from_pretrained()
     with pytest.raises(FileNotFoundError, match="no pipeline directory or bundled preset named .*nowhere"):

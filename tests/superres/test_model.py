@@ -42,7 +42,9 @@ def test_logits_follow_the_high_res_grid():
     assert model(high, context).shape == (2, 64, HIGH.codebook_size)
     positions = torch.tensor([[0, 5, 63], [1, 2, 3]])
     full = model(high, context)
-    assert torch.allclose(model(high, context, positions), full.gather(1, positions[..., None].expand(-1, -1, 32)))
+    # The restricted last layer multiplies matrices of other shapes, whose float32 rounding can differ by ~1e-7.
+    assert torch.allclose(model(high, context, positions), full.gather(1, positions[..., None].expand(-1, -1, 32)),
+                          atol=1e-6)
     # other grids: a 2x8 low-res strip conditions a 4x16 high-res strip
     strip = model.context(low[:, :16], states, mask, low_grid=(2, 8))
     assert model(high, strip, grid=(4, 16)).shape == (2, 64, HIGH.codebook_size)

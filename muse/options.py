@@ -1,0 +1,208 @@
+"""How an image is sampled: `SamplingOptions`, defined once, and the `Limits` on what one call may ask for.
+
+Every entry point derives its options from these dataclasses' fields, so adding an option here adds it everywhere:
+the keyword arguments of `MusePipeline`'s task methods (`pipe(prompt, num_steps=12)`), the CLI flags
+(`add_option_arguments`), the server's request schema, the manifest of batch generation and `muse eval`.
+
+    options = SamplingOptions(num_steps=12, guidance_scale=3.0)     # validated here, once
+    options = pipe.config.sampling.with_overrides({"top_k": 50})    # a call's keywords over the pipeline's defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import numbers
+import typing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from sampling import DecodeSettings
+
+# This module imports no torch (nor `sampling`, which does) at import time, so that `muse X --help`, which builds its
+# flags from these fields, starts instantly; the decoder's own checks run when options are made.
+
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def _option(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple | None = None) -> Any:
+    """A field of `SamplingOptions` with the text every entry point shows for it."""
+    return field(default=default, metadata={"help": help, "flags": flags, "choices": choices})
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The options of a sampling call. A pipeline's defaults are `PipelineConfig.sampling`; a call overrides any
+    field by keyword. Invalid values raise ValueError naming the field."""
+
+    num_steps: int = _option(24, "base-stage decoding steps (Muse: 24)", flags=("--steps",))
+    guidance_scale: float = _option(4.0, "classifier-free guidance scale on the logits; <= 1 turns guidance off",
+                                    flags=("--guidance",))
+    guidance_schedule: str = _option("constant", "constant, or linear: ramped from 1 to guidance_scale over the steps",
+                                     choices=GUIDANCE_SCHEDULES)
+    temperature: float = _option(1.0, "temperature of the token draws")
+    top_k: int | None = _option(None, "draw tokens from the k most likely only (default: all)")
+    top_p: float | None = _option(None, "draw tokens from the smallest set of probability >= p only (default: all)")
+    choice_temperature: float = _option(4.5, "Gumbel noise on the confidence that picks which tokens to commit, "
+                                             "annealed to 0 over the steps")
+    mask_schedule: str = _option("cosine", "how many tokens stay masked after each step: a name of "
+                                           "sampling.SCHEDULES (cosine, linear, square, cubic, sqrt, arccos)")
+    superres_steps: int = _option(8, "super-resolution decoding steps (Muse: 8)")
+    stages: int | None = _option(None, "1: base stage only; 2: with super-resolution (default: every stage the "
+                                       "pipeline has)", choices=(1, 2))
+    num_candidates: int = _option(1, "best-of-N: make N candidates per image and keep the one the pipeline's scorer "
+                                     "rates best (its log-likelihood without a scorer)", flags=("--candidates",))
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "superres_steps", "num_candidates"):
+            _check_integer(self, name, low=1)
+        _check_integer(self, "top_k", low=1, optional=True)
+        _check_integer(self, "stages", low=1, optional=True)
+        for name in ("guidance_scale", "temperature", "choice_temperature"):
+            _check_real(self, name)
+        _check_real(self, "top_p", optional=True)
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            value = getattr(self, f.name)
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        # The decoder checks its own settings (step counts, temperature -- whose reciprocal must not overflow float32
+        # logits --, top-k / top-p, choice temperature, schedule): one place for each rule.
+        self.decode_settings(0)
+        self.decode_settings(1)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> SamplingOptions:
+        """These options with the given fields replaced; an unknown name raises TypeError naming it."""
+        names = option_names()
+        for name in overrides:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; the options are {', '.join(names)}"
+                raise TypeError(f"unknown sampling option {name!r}{hint}")
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+    def decode_settings(self, stage: int) -> DecodeSettings:
+        """The `sampling.DecodeSettings` of stage 0 (base) or 1 (super-resolution)."""
+        from sampling import DecodeSettings
+
+        return DecodeSettings(
+            num_steps=self.num_steps if stage == 0 else self.superres_steps,
+            schedule=self.mask_schedule,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            choice_temperature=self.choice_temperature,
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The most one call may ask for, checked before any work starts; `PipelineConfig.limits` holds a pipeline's,
+    and a server can set stricter ones. Each exists because a probe found a request that ran without bound or ran
+    the machine out of memory without it."""
+
+    max_steps: int = 1000             # num_steps and superres_steps
+    max_images: int = 256             # images of one call, every candidate counted: prompts x num_images x candidates
+    max_candidates: int = 64          # num_candidates
+    max_pixels: int = 1024 * 1024     # width x height of an input image, and of an outpainted canvas
+    max_iterations: int = 100         # edit iterations
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_integer(self, f.name, low=1)
+
+    def check(self, options: SamplingOptions) -> None:
+        """Raise ValueError naming the limit if `options` ask for more than it allows."""
+        for name in ("num_steps", "superres_steps"):
+            self.check_value(name, getattr(options, name), "max_steps")
+        self.check_value("num_candidates", options.num_candidates, "max_candidates")
+
+    def check_value(self, what: str, value: int, limit: str) -> None:
+        """Raise ValueError if `value` (named `what`) is over the limit called `limit`."""
+        bound = getattr(self, limit)
+        if value > bound:
+            raise ValueError(f"{what}={value} is over the limit {limit}={bound} (PipelineConfig.limits.{limit})")
+
+
+def option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(SamplingOptions)]
+
+
+def option_types() -> dict[str, Any]:
+    """Each option's type annotation, resolved (e.g. `int | None`)."""
+    hints = typing.get_type_hints(SamplingOptions)
+    return {name: hints[name] for name in option_names()}
+
+
+def option_flags(name: str) -> list[str]:
+    """The CLI flags of an option: --name-with-dashes, then its short forms."""
+    f = next(f for f in dataclasses.fields(SamplingOptions) if f.name == name)
+    return ["--" + name.replace("_", "-"), *f.metadata["flags"]]
+
+
+def option_help(name: str) -> str:
+    return next(f for f in dataclasses.fields(SamplingOptions) if f.name == name).metadata["help"]
+
+
+def add_option_arguments(
+    parser: argparse.ArgumentParser,
+    defaults: Mapping[str, Any] | None = None,
+    exclude: tuple[str, ...] = (),
+) -> None:
+    """One flag per `SamplingOptions` field (but `exclude`). A flag that is not given is absent from the parsed
+    namespace, so `given_options(args)` holds exactly what the user set, and the model's own defaults apply to the
+    rest; `defaults` (e.g. the bundled model's) only feed the help text."""
+    group = parser.add_argument_group("sampling options (default: the model's own)")
+    types = option_types()
+    for f in dataclasses.fields(SamplingOptions):
+        if f.name in exclude:
+            continue
+        shown = ""
+        if defaults is not None:
+            shown = f" (the bundled model's default: {defaults.get(f.name, f.default)})"
+        group.add_argument(*option_flags(f.name), dest=f"option_{f.name}", type=_base_type(types[f.name]),
+                           choices=f.metadata["choices"], default=argparse.SUPPRESS,
+                           metavar=None if f.metadata["choices"] else f.name.upper(),
+                           help=f.metadata["help"] + shown)
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling options set on the command line, by field name."""
+    return {name[len("option_"):]: value for name, value in vars(args).items() if name.startswith("option_")}
+
+
+def _base_type(tp: Any) -> type:
+    """int for `int` and `int | None`, and so on."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _check_integer(obj: Any, name: str, low: int, optional: bool = False) -> None:
+    value = getattr(obj, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    object.__setattr__(obj, name, int(value))  # numpy and torch integers become plain ones
+
+
+def _check_real(obj: Any, name: str, optional: bool = False) -> None:
+    value = getattr(obj, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    object.__setattr__(obj, name, float(value))
