@@ -43,8 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from machine import machine_info, measure_matmul_peak, write_report  # noqa: E402  (bench/machine.py)
-from muse.pipeline import PipelineConfig, guided_logits_fn  # noqa: E402
-from sampling import decode  # noqa: E402
+from pipelines import bench_pipeline  # noqa: E402  (bench/pipelines.py)
 from sampling.schedule import num_masked  # noqa: E402
 from transformer.config import TransformerConfig  # noqa: E402
 from transformer.model import MaskedTransformer  # noqa: E402
@@ -122,7 +121,7 @@ def ours_flops(cfg: BenchConfig, guidance: bool, num_steps: int, batch: int) -> 
     its queries, cross-attention and MLP at the M masked positions only, and the head at those M.
 
     The first step's grids are all masked, so rows with the same prompt compute the same logits and run once: the
-    `batch` distinct prompts and, with guidance, one shared empty prompt (`guided_logits_fn(row_keys=...)`).
+    `batch` distinct prompts and, with guidance, one shared empty prompt (the engine's first-step sharing).
     """
     L, D, S, K, Dt = cfg.num_tokens, cfg.width, cfg.text_length, cfg.codebook_size, cfg.text_dim
     hidden = int(D * cfg.mlp_ratio)
@@ -179,7 +178,9 @@ def maskgit_flops(cfg: BenchConfig, guidance: bool, num_steps: int) -> float:
 
 
 class OursRunner:
-    """MaskedTransformer + sampling.decode driven by the pipeline's guided logits_fn, with the pipeline's defaults."""
+    """`MusePipeline.__call__` -- options, task builder, text context, the decoding engine -- over a random
+    MaskedTransformer, with the pipeline's defaults; only the text encoder (random states) and the VQ (no pixels) are
+    stand-ins (bench/pipelines.py)."""
 
     name = OURS
 
@@ -191,34 +192,12 @@ class OursRunner:
                 num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim,
             )
         ).eval()
-        defaults = PipelineConfig()  # sample as the pipeline does: its logits_fn, schedule and choice temperature
-        self.build_logits_fn = guided_logits_fn  # an attribute so --profile can wrap it
-        self.schedule, self.choice_temperature = defaults.mask_schedule, defaults.choice_temperature
-        S = cfg.text_length
-        self.states = torch.randn(max_batch, S, cfg.text_dim)  # (B, S, Dt) stands in for the text encoder output
-        self.mask = torch.ones(max_batch, S, dtype=torch.bool)  # a prompt filling all 77 tokens: the costliest
-        # The empty prompt as a padded text encoder returns it: one real token (end-of-sequence), the rest padding.
-        self.null_states = torch.randn(1, S, cfg.text_dim)
-        self.null_mask = torch.zeros(1, S, dtype=torch.bool)
-        self.null_mask[:, 0] = True
+        self.pipe = bench_pipeline(self.model, text_length=cfg.text_length)
+        self.prompts = [f"prompt {i}" for i in range(max_batch)]  # `batch` different prompts per run
 
-    @torch.inference_mode()  # as MusePipeline.__call__
     def run(self, batch: int, guidance: bool, num_steps: int) -> Tensor:
-        states, mask = self.states[:batch], self.mask[:batch]
-        if guidance:
-            states = torch.cat([states, self.null_states.expand(batch, -1, -1)])  # (2B, S, Dt): cond rows first
-            mask = torch.cat([mask, self.null_mask.expand(batch, -1)])
-        context = self.model.text_context(states, mask)
-        grid = (self.cfg.grid_size, self.cfg.grid_size)
-        # As the pipeline names its text rows: `batch` different prompts, then the empty prompt for every row.
-        keys = [f"prompt {i}" for i in range(batch)] + ([""] * batch if guidance else [])
-        logits_fn = self.build_logits_fn(
-            self.model, context, grid, self.cfg.guidance_scale if guidance else 1.0, row_keys=keys
-        )
-        mask_id = self.model.config.mask_token_id
-        tokens = torch.full((batch, self.cfg.num_tokens), mask_id, dtype=torch.long)
-        out = decode(tokens, logits_fn, mask_token_id=mask_id, seeds=torch.arange(batch), num_steps=num_steps,
-                     schedule=self.schedule, choice_temperature=self.choice_temperature)
+        out = self.pipe(self.prompts[:batch], seed=list(range(batch)), num_steps=num_steps, num_candidates=1,
+                        guidance_scale=self.cfg.guidance_scale if guidance else 1.0)
         return out.tokens
 
     def flops_per_image(self, guidance: bool, num_steps: int, batch: int) -> float:
@@ -424,21 +403,18 @@ def library_versions() -> dict:
 
 
 def profile_ours(runner: OursRunner, batch: int, guidance: bool, num_steps: int, rows: int) -> str:
-    """torch.profiler table of one run, plus the split between the model (inside logits_fn) and everything else."""
+    """torch.profiler table of one run, plus the split between the model's forwards and everything else."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     runner.run(batch, guidance, min(2, num_steps))
-    original = runner.build_logits_fn
+    model = runner.model
+    original = model.forward
 
     def labelled(*args, **kwargs):
-        inner = original(*args, **kwargs)
+        with record_function("bench::forward"):
+            return original(*args, **kwargs)
 
-        def logits_fn(tokens, positions, step):
-            with record_function("bench::logits_fn"):
-                return inner(tokens, positions, step)
-        return logits_fn
-
-    runner.build_logits_fn = labelled
+    model.forward = labelled
     try:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             with record_function("bench::run"):
@@ -446,14 +422,14 @@ def profile_ours(runner: OursRunner, batch: int, guidance: bool, num_steps: int,
                 runner.run(batch, guidance, num_steps)
                 wall = time.perf_counter() - start
     finally:
-        runner.build_logits_fn = original
+        del model.forward
     events = {e.key: e for e in prof.key_averages()}
     total = events["bench::run"].cpu_time_total
-    model = events["bench::logits_fn"].cpu_time_total
+    forward = events["bench::forward"].cpu_time_total
     lines = [
         f"profile: musegen batch={batch} guidance={guidance} steps={num_steps}, wall {wall:.2f} s (profiled)",
-        f"  logits_fn (model + guidance mix): {model / total:6.1%}   everything else (decode, text context): "
-        f"{1 - model / total:6.1%}",
+        f"  model forwards: {forward / total:6.1%}   everything else (engine, decoder, text context): "
+        f"{1 - forward / total:6.1%}",
         prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows),
         prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows),
     ]

@@ -1,10 +1,9 @@
 """Cost of the super-resolution stage relative to the base stage, measured side by side in one run.
 
 Muse's cascade decodes the base grid in 24 steps and then a 4x (or 16x) larger grid in 8 super-res steps. This times
-both stages as the pipeline runs them — the text (and, for super-res, the low-res memory) turned into cross-attention
-keys/values once per call, classifier-free guidance batched into one forward, logits only at still-masked positions,
-`sampling.decode` with the pipeline's schedule — on random weights, and reports seconds per image of each stage and
-their ratio. Target: super-res (8 steps) <= 1.5x the base stage (24 steps) at 4x the tokens.
+both stages of one cascade call, `pipe(prompts, stages=2)`, through the pipeline and its decoding engine (only the
+text encoder and the VQ are stand-ins, bench/pipelines.py), on random weights, and reports seconds per image of each
+stage and their ratio. Target: super-res (8 steps) <= 1.5x the base stage (24 steps) at 4x the tokens.
 
 Pairs (each a base model and the super-res model that follows it):
   emoji      the bundled presets: configs/transformer/emoji-base.yaml (8x8) -> configs/superres/emoji-sr.yaml (16x16)
@@ -30,7 +29,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 REPO = Path(__file__).resolve().parent.parent
 # The checkout first: `python bench/X.py` puts bench/ itself first on the path, where superres.py would shadow
@@ -39,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from machine import machine_info, write_report  # noqa: E402  (bench/machine.py)
 from muse.config import load_config  # noqa: E402
-from muse.pipeline import PipelineConfig, guided_logits_fn  # noqa: E402
-from sampling import decode  # noqa: E402
+from muse.engine import Step  # noqa: E402
+from pipelines import bench_pipeline  # noqa: E402  (bench/pipelines.py)
 from superres.config import SuperResConfig  # noqa: E402
 from superres.model import SuperResTransformer  # noqa: E402
 from transformer.config import TransformerConfig  # noqa: E402
@@ -74,62 +72,44 @@ def emoji_pair() -> Pair:
 
 
 class Stages:
-    """Both stages of one pair with random weights, and the random text states standing in for the encoder."""
+    """Both stages of one pair with random weights in one `MusePipeline` (bench/pipelines.py: only the text encoder
+    and the VQ are stand-ins), run as the cascade: `pipe(prompts, stages=2)`. Each call's time is split at the
+    engine's last step of the base stage's job: base = the call up to there, super-res = the rest (its text and
+    low-res memory, its decode)."""
 
     def __init__(self, pair: Pair, batch: int, guidance_scale: float) -> None:
         torch.manual_seed(0)
         self.pair, self.batch, self.guidance_scale = pair, batch, guidance_scale
-        self.base = MaskedTransformer(pair.base).eval()
-        self.superres = SuperResTransformer(pair.superres).eval()
-        S, Dt = pair.text_length, pair.base.text_dim
-        rows = 2 * batch if guidance_scale > 1 else batch  # [conditional; unconditional] rows
-        self.states = torch.randn(rows, S, Dt)  # (rows, S, Dt)
-        self.mask = torch.ones(rows, S, dtype=torch.bool)
-        self.mask[batch:, 1:] = guidance_scale <= 1  # unconditional rows: the empty prompt, one real token
-        defaults = PipelineConfig()
-        self.schedule, self.choice_temperature = defaults.mask_schedule, defaults.choice_temperature
-        self.low = self.run_base(2)  # a low-res grid for super-res to condition on
+        base = MaskedTransformer(pair.base).eval()
+        superres = SuperResTransformer(pair.superres).eval()
+        self.pipe = bench_pipeline(base, superres, text_length=pair.text_length)
+        self.prompts = [f"prompt {i}" for i in range(batch)]
 
-    def _decode(self, model, context, grid_size: int, num_steps: int) -> Tensor:
-        base = isinstance(model, MaskedTransformer)
-        mask_id = model.config.mask_token_id if base else model.high.config.mask_token_id
-        grid = (grid_size, grid_size)
-        # The base stage's text rows named as the pipeline names them (B prompts, then the empty prompt for every
-        # row), so its all-masked first step runs the distinct rows only; super-res rows also differ in their low-res
-        # grids, and the pipeline names none of them.
-        keys = [f"prompt {i}" for i in range(self.batch)] + ([""] * self.batch if self.guidance_scale > 1 else [])
-        logits_fn = guided_logits_fn(model, context, grid, self.guidance_scale, row_keys=keys if base else None)
-        tokens = torch.full((self.batch, grid_size * grid_size), mask_id, dtype=torch.long)  # (B, L) all masked
-        out = decode(tokens, logits_fn, mask_token_id=mask_id, seeds=torch.arange(self.batch), num_steps=num_steps,
-                     schedule=self.schedule, choice_temperature=self.choice_temperature)
-        return out.tokens
+    def run(self, base_steps: int, sr_steps: int) -> tuple[float, float]:
+        """Seconds of (base stage, super-res stage) of one cascade call."""
+        marks: dict[int, float] = {}
 
-    @torch.inference_mode()
-    def run_base(self, num_steps: int) -> Tensor:
-        context = self.base.text_context(self.states, self.mask)
-        return self._decode(self.base, context, self.pair.base.grid_size, num_steps)
+        def listen(event) -> None:
+            if isinstance(event, Step):
+                marks[event.job] = time.perf_counter()  # the last step of each job wins
 
-    @torch.inference_mode()
-    def run_superres(self, num_steps: int) -> Tensor:
-        low = torch.cat([self.low, self.low]) if self.guidance_scale > 1 else self.low  # (rows, Ll)
-        context = self.superres.context(low, self.states, self.mask)
-        return self._decode(self.superres, context, self.pair.superres.high.grid_size, num_steps)
-
-
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
+        task = self.pipe.generate_task(self.prompts, seed=list(range(self.batch)), stages=2, num_candidates=1,
+                                       num_steps=base_steps, superres_steps=sr_steps,
+                                       guidance_scale=self.guidance_scale)
+        start = time.perf_counter()
+        self.pipe.engine.run(task, on_event=listen)
+        end = time.perf_counter()
+        return marks[0] - start, end - marks[0]
 
 
 def measure(pair: Pair, batch: int, guidance_scale: float, base_steps: int, sr_steps: int, reps: int) -> dict:
     stages = Stages(pair, batch, guidance_scale)
-    stages.run_superres(1)  # warm-up of both paths (the base one ran in __init__)
+    stages.run(2, 1)  # warm-up of both paths
     base_times, sr_times = [], []
-    for rep in range(reps):  # interleaved, the order alternating, so drifting machine load is shared
-        order = [("base", stages.run_base, base_steps), ("superres", stages.run_superres, sr_steps)]
-        for name, fn, steps in order if rep % 2 == 0 else order[::-1]:
-            (base_times if name == "base" else sr_times).append(timed(fn, steps))
+    for _ in range(reps):
+        base_s, sr_s = stages.run(base_steps, sr_steps)
+        base_times.append(base_s)
+        sr_times.append(sr_s)
     base_s, sr_s = statistics.median(base_times), statistics.median(sr_times)
     high, low = pair.superres.high.grid_size ** 2, pair.base.grid_size ** 2
     return {
@@ -187,8 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(args.threads),
         "settings": vars(args) | {"out": None, "dtype": "float32", "device": "cpu"},
-        "timed_region": "per stage: text (+ low-res memory) -> cross-attention K/V once, then sampling.decode with "
-                        "batched guidance; text encoder and VQ decode excluded; random weights",
+        "timed_region": "one cascade call through MusePipeline and its engine, split at the base job's last step; "
+                        "text encoder (random states) and VQ decode (none) excluded; random weights",
         "results": results,
     }
     write_report(report, "superres", args.out, default_run=vars(args) == vars(parse_args([])))

@@ -132,6 +132,20 @@ class Task:
     kind: str = "task"
 
 
+def single_job(job: Job) -> Task:
+    """A task of one job, whose result is that job's DecodeOutput."""
+
+    def steps() -> TaskSteps:
+        return (yield job)
+
+    return Task(steps(), "job")
+
+
+def run_job(job: Job) -> DecodeOutput:
+    """Decode one job on an engine of its own (training sample grids, scripts)."""
+    return Engine().run(single_job(job))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Events and handles
 
@@ -503,7 +517,7 @@ class Engine:
 
     def tick(self) -> bool:
         """One step of the engine: admit, then run one group's forward and advance it. False when idle."""
-        with torch.no_grad():
+        with torch.inference_mode():
             self._take_inbox()
             self._admit()
             group = self._next_group()
@@ -522,20 +536,19 @@ class Engine:
             self._wake.notify()
 
     def _loop(self) -> None:
-        with torch.inference_mode():  # grad mode is per thread
-            while True:
+        while True:
+            with self._lock:
+                if self._stop:
+                    return
+            try:
+                busy = self.tick()
+            except Exception:  # never let one bad tick take the server down
+                log.exception("engine tick failed")
+                busy = False
+            if not busy:
                 with self._lock:
-                    if self._stop:
-                        return
-                try:
-                    busy = self.tick()
-                except Exception:  # never let one bad tick take the server down
-                    log.exception("engine tick failed")
-                    busy = False
-                if not busy:
-                    with self._lock:
-                        if not self._inbox and not self._stop:
-                            self._wake.wait(timeout=0.5)
+                    if not self._inbox and not self._stop:
+                        self._wake.wait(timeout=0.5)
 
     def _take_inbox(self) -> None:
         with self._lock:

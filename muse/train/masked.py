@@ -13,14 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from muse.config import MaskingConfig
+from muse.engine import Job, TokenPredictor, run_job
+from muse.options import SamplingOptions
 from muse.train.tokens import TokenBatch, cat_batches, drop_text
-from sampling.decode import DecodeStep, decode
 from sampling.schedule import sample_training_mask
 from transformer.text import TextEmbedding
 
@@ -143,36 +145,37 @@ class FixedRatioValidation:
 
 @torch.no_grad()
 def sample_tokens(
-    forward: StageForward,
+    model: TokenPredictor,
+    context_of: Callable[[TokenBatch], Any],
     batch: TokenBatch,
     unconditional: TextEmbedding,
     *,
-    mask_token_id: int,
     num_steps: int,
     guidance_scale: float,
     seed: int,
 ) -> Tensor:
-    """Decode a full grid (B, L) for each row's text (and low-res tokens) with `sampling.decode`.
-
-    Guidance > 1 runs the conditional and unconditional rows in one forward and mixes
-    uncond + scale * (cond - uncond); the seeds are `seed + row`, so grids are comparable across steps.
-    """
+    """Decode a full square grid (B, L) for each row's text (and low-res tokens) through the decoding engine, as the
+    pipeline does: guidance mixed by the engine, the library's default sampling options otherwise, row r with seed
+    `seed + r`, so grids are comparable across training steps. `context_of(batch)` is the model's context of a batch:
+    its conditional rows, then with guidance the same rows under the empty prompt."""
     B, L = batch.tokens.shape
+    side = math.isqrt(L)
     device = batch.tokens.device
-    if guidance_scale > 1:
-        null = drop_text(batch, unconditional, torch.ones(B, dtype=torch.bool, device=device))
-        paired = cat_batches([batch, null])
-
-    def logits_fn(tokens: Tensor, positions: Tensor, step: DecodeStep) -> Tensor:
-        if guidance_scale <= 1:
-            return forward(tokens, positions, batch)
-        logits = forward(torch.cat([tokens, tokens]), torch.cat([positions, positions]), paired)  # (2B, M, K)
-        cond, uncond = logits.float().chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
-    start = torch.full((B, L), mask_token_id, dtype=torch.long, device=device)
-    seeds = torch.arange(B, dtype=torch.int64, device=device) + seed
-    return decode(start, logits_fn, mask_token_id=mask_token_id, seeds=seeds, num_steps=num_steps).tokens
+    options = SamplingOptions(num_steps=num_steps, guidance_scale=guidance_scale)
+    rows = batch
+    if options.guided:
+        rows = cat_batches([batch, drop_text(batch, unconditional, torch.ones(B, dtype=torch.bool, device=device))])
+    job = Job(
+        model=model,
+        tokens=torch.full((B, L), model.config.mask_token_id, dtype=torch.long, device=device),
+        grid=(side, side),
+        context=context_of(rows),
+        settings=options.decode_settings(0),
+        seeds=torch.arange(B, dtype=torch.int64, device=device) + seed,
+        guidance_scale=options.guidance_scale,
+        guidance_schedule=options.guidance_schedule,
+    )
+    return run_job(job).tokens
 
 
 __all__ = [

@@ -95,8 +95,8 @@ def save_samples(model: SuperResTransformer, decoders: tuple[VQGAN, VQGAN], batc
     """Rows: the low-res input (upscaled, bicubic), super-res samples from it, and the real high-res tokens."""
     batch = batch.to(rt.device)
     with evaluating(model):
-        tokens = sample_tokens(LowToHighTokens(model), batch, unconditional, mask_token_id=model.config.mask_token_id,
-                               num_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE, seed=seed)
+        tokens = sample_tokens(model, lambda rows: model.context(rows.low_tokens, rows.text_states, rows.text_mask),
+                               batch, unconditional, num_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE, seed=seed)
     low_grid, high_grid = model.config.low_grid_size, model.config.high.grid_size
     low_vqgan, high_vqgan = decoders
     real = high_vqgan.decode(batch.tokens.view(-1, high_grid, high_grid))  # (B, 3, H, W)

@@ -80,8 +80,8 @@ def save_samples(model: MaskedTransformer, vqgan: VQGAN, batch: TokenBatch, unco
     """Validation images (top row) above samples for their captions (bottom row), fixed seeds."""
     batch = batch.to(rt.device)
     with evaluating(model):
-        tokens = sample_tokens(TextToTokens(model), batch, unconditional, mask_token_id=model.config.mask_token_id,
-                               num_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE, seed=seed)
+        tokens = sample_tokens(model, lambda rows: model.text_context(rows.text_states, rows.text_mask), batch,
+                               unconditional, num_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE, seed=seed)
     grid = model.config.grid_size
     real = vqgan.decode(batch.tokens.view(-1, grid, grid))  # (B, 3, H, W)
     fake = vqgan.decode(tokens.view(-1, grid, grid))
