@@ -341,12 +341,14 @@ class _Group:
         device = self.state.tokens.device
         guided = [j for j in self.jobs if j.job.guided]
         # Forward rows: every grid under its conditional context, then the guided grids under their unconditional one.
+        uncond_grid_rows = [r for j in guided for r in range(j.start, j.start + j.job.batch_size)]
+        self.grid_rows = list(range(B)) + uncond_grid_rows  # the grid row of each forward row
         if len(guided) == len(self.jobs):
             self.uncond_rows: Tensor | slice | None = slice(0, B)
         elif not guided:
             self.uncond_rows = None
         else:
-            self.uncond_rows = torch.cat([torch.arange(j.start, j.start + j.job.batch_size) for j in guided]).to(device)
+            self.uncond_rows = torch.tensor(uncond_grid_rows, dtype=torch.long, device=device)
         contexts = [j.job.context.select(slice(0, j.job.batch_size)) if j.job.guided else j.job.context
                     for j in self.jobs]
         contexts += [j.job.context.select(slice(j.job.batch_size, None)) for j in guided]
@@ -360,6 +362,8 @@ class _Group:
             self.keys += list(keys[j.job.batch_size :]) if keys is not None else [None] * j.job.batch_size
         self.per_forward = rows_per_forward(device, self.grid[0] * self.grid[1], self.context.batch_size)
         self.chunks = split_rows(self.context, self.per_forward)
+        self._plan_key: tuple | None = None
+        self._plan_value: tuple = (None, None, None)
         self.dirty = False
 
     def forward(self, positions: Tensor) -> tuple[Tensor, int]:
@@ -370,10 +374,15 @@ class _Group:
         if self.uncond_rows is not None:
             tokens = torch.cat([tokens, tokens[self.uncond_rows]])  # (R, L)
             positions = torch.cat([positions, positions[self.uncond_rows]])  # (R, M)
-        logits, computed = self._deduplicated(tokens, positions)
-        if logits is None:
+        rows, source, chunks = self._plan()
+        if rows is None:
             logits = forward_rows(self.model, tokens, positions, self.chunks, self.grid, self.buffer)  # (R, M, K)
             computed = tokens.shape[0]
+        else:
+            some = forward_rows(self.model, tokens[rows], positions[rows], chunks, self.grid, self.buffer)
+            computed = rows.shape[0]
+            # Rows that share a computed row copy it; rows with nothing left to commit get zeros, never read.
+            logits = torch.cat([some, some.new_zeros(1, *some.shape[1:])])[source]  # (R, M, K)
         for j in self.jobs:
             if j.job.guided:
                 # uncond + s * (cond - uncond), in place in the forward's output, each job with its own scale.
@@ -382,36 +391,41 @@ class _Group:
                 cond.sub_(uncond).mul_(j.job.scale_at(j.steps_run)).add_(uncond)
         return logits[:B], computed
 
-    def _deduplicated(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor | None, int]:
-        """At the first step of all-masked jobs, rows with equal keys see the same grid and context: compute each
-        distinct one once. None when there is nothing to share."""
-        fresh = [False] * len(self.keys)
-        B = self.state.batch_size
+    def _plan(self) -> tuple[Tensor | None, Tensor | None, list[tuple[slice, Context]] | None]:
+        """Which forward rows to compute this tick: (rows (N,), each forward row's source among them or N for "none"
+        (R,), their chunks), or Nones when it is all of them. Two kinds of rows are left out: rows whose grid has
+        nothing left to commit (a small hole finishes before the others), and, at the first step of all-masked
+        jobs, rows whose key an earlier row shares -- they see the same grid and context, so the same logits.
+        The plan changes only when a row finishes or a job takes its first step, so it is cached."""
+        done = self.state.done.tolist()
+        fresh = [False] * self.state.batch_size
         for j in self.jobs:
             if j.fresh_start and j.steps_run == 0:
-                for r in range(j.start, j.start + j.job.batch_size):
-                    fresh[r] = True
-                if j.job.guided:
-                    for r in range(B + j.uncond_start, B + j.uncond_start + j.job.batch_size):
-                        fresh[r] = True
+                fresh[j.rows] = [True] * j.job.batch_size
+        key = (tuple(done), tuple(fresh))
+        if key == self._plan_key:
+            return self._plan_value
         first: dict[Hashable, int] = {}  # key -> index among the computed rows
         compute: list[int] = []
-        inverse: list[int] = []
-        for row, key in enumerate(self.keys):
-            if fresh[row] and key is not None and key in first:
-                inverse.append(first[key])
+        source: list[int] = []
+        for row, (g, name) in enumerate(zip(self.grid_rows, self.keys)):
+            shared = fresh[g] and name is not None
+            if done[g] or (shared and name in first):
+                source.append(-1 if done[g] else first[name])
                 continue
-            if fresh[row] and key is not None:
-                first[key] = len(compute)
-            inverse.append(len(compute))
+            if shared:
+                first[name] = len(compute)
+            source.append(len(compute))
             compute.append(row)
-        if len(compute) == len(self.keys):
-            return None, 0
-        device = tokens.device
-        rows = torch.tensor(compute, device=device)
-        chunks = split_rows(self.context.select(rows), self.per_forward)
-        logits = forward_rows(self.model, tokens[rows], positions[rows], chunks, self.grid, self.buffer)
-        return logits[torch.tensor(inverse, device=device)], len(compute)  # (R, M, K)
+        if len(compute) == len(self.grid_rows):
+            plan = (None, None, None)
+        else:
+            device = self.state.tokens.device
+            rows = torch.tensor(compute, dtype=torch.long, device=device)
+            index = torch.tensor([len(compute) if s < 0 else s for s in source], dtype=torch.long, device=device)
+            plan = (rows, index, split_rows(self.context.select(rows), self.per_forward) if compute else [])
+        self._plan_key, self._plan_value = key, plan
+        return plan
 
 
 @dataclass

@@ -41,6 +41,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,8 @@ from torch import Tensor
 
 from muse.data.folder import ImageCaptionDataset, read_rows
 from muse.data.images import ImageTransform
-from muse.pipeline import MusePipeline, Scorer
+from muse.options import SamplingOptions, add_option_arguments, given_options
+from muse.pipeline import PRECISIONS, MusePipeline, Scorer
 from muse.scorer import ImageFeatures, PromptScorer, ScorerConfig, target_ranks
 from sampling import feathered_composite_weights, pixel_to_token_mask
 
@@ -71,8 +73,14 @@ class EvalConfig:
     num_recon: int = 128                    # split images for the reconstruction PSNR
     num_inpaint: int = 16                   # split images for inpainting; 0 skips it
     batch_size: int = 32                    # images per pipeline call
-    stages: int | None = None               # 1 stops after the base stage; None runs every stage the model has
+    # The sampling options of every generation (the grid's steps, guidance and one candidate replace theirs);
+    # None: the pipeline's own. `options.stages` 1 stops after the base stage.
+    options: SamplingOptions | None = None
     seed: int = 0
+
+    @property
+    def stages(self) -> int | None:
+        return None if self.options is None else self.options.stages
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "candidates", "best_of", "batch_size"):
@@ -208,7 +216,11 @@ def evaluate(
     return EvalReport(
         model=model_name, data=str(data_dir), split=config.split, scorer=scorer_name, fd_label=FD_LABEL,
         resolution=resolution, reconstruction=reconstruction, settings=settings, inpainting=inpainting,
-        best_of_n=best_of_n, config=asdict(config), seconds=time.perf_counter() - start,
+        best_of_n=best_of_n, seconds=time.perf_counter() - start,
+        # What every generation started from (the grid replaces steps, guidance and candidates), resolved.
+        config=asdict(config) | {"options": asdict(pipe.options(options=config.options)),
+                                 "precision": pipe.config.precision,
+                                 "dtype": str(next(pipe.transformer.parameters()).dtype)},
     )
 
 
@@ -227,7 +239,7 @@ def _setting(
     start = time.perf_counter()
     # One candidate per image whatever the pipeline's default: the grid measures single samples; best-of-N has its
     # own comparison below.
-    options = {"num_steps": num_steps, "guidance_scale": guidance_scale, "stages": config.stages, "num_candidates": 1}
+    options = {"num_steps": num_steps, "guidance_scale": guidance_scale, "num_candidates": 1}
     images = _generate(pipe, split.captions, config, **options)
     generated = features(images).cpu()
     fd = None if real_features is None else frechet_distance(real_features, generated)
@@ -278,7 +290,7 @@ def _inpainting(pipe: MusePipeline, scorer: PromptScorer | None, pairs: _Pairs, 
     for start in range(0, len(pairs.captions), config.batch_size):
         captions = pairs.captions[start : start + config.batch_size]
         out = pipe.inpaint(captions, image=pairs.images[start : start + len(captions)], mask=mask,
-                           seed=[config.seed + start + i for i in range(len(captions))], stages=config.stages)
+                           seed=[config.seed + start + i for i in range(len(captions))], options=config.options)
         results.extend(out.images)
     result = torch.from_numpy(np.stack([np.asarray(im) for im in results])).permute(0, 3, 1, 2)  # (N, 3, H, W)
     original = _uint8(pairs.images)
@@ -313,7 +325,7 @@ def _best_of_n(pipe: MusePipeline, scorer: PromptScorer, split: _Pairs, all_capt
     n = config.best_of
     picker = pipe.scorer if pipe.scorer is not None else scorer
     recorder = _Recorder(picker, scorer)
-    options = {"num_candidates": n, "stages": config.stages, "batch_size": max(1, config.batch_size // n)}
+    options = {"num_candidates": n, "batch_size": max(1, config.batch_size // n)}
     by_scorer = _generate(pipe, split.captions, config, scorer=recorder, **options)
     default = pipe.scorer
     pipe.scorer = None  # the model's own log-likelihood
@@ -392,7 +404,7 @@ def _generate(pipe: MusePipeline, prompts: list[str], config: EvalConfig, *, bat
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         seeds = [config.seed + start + i for i in range(len(chunk))]
-        images.extend(pipe(chunk, seed=seeds, **options).images)
+        images.extend(pipe(chunk, seed=seeds, options=config.options, **options).images)
     return images
 
 
@@ -508,21 +520,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-inpaint", type=int, default=defaults.num_inpaint, metavar="N",
                         help="images for inpainting (0 skips it)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N")
-    parser.add_argument("--stages", type=int, default=None, choices=(1, 2), help="1: stop after the base stage")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="arithmetic of the token models, to measure it (default: the model's config.precision)")
+    # Every other sampling option as for `muse generate`; the grid sets the steps, the guidance and one candidate.
+    add_option_arguments(parser, exclude=("num_steps", "guidance_scale", "num_candidates"))
 
 
 def main(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        SamplingOptions().with_overrides(given_options(args))  # checked before the model loads
+        pipe = MusePipeline.from_pretrained(args.model)
+        if args.precision is not None:
+            pipe.config = dataclasses.replace(pipe.config, precision=args.precision)
+        pipe.to(device)
         config = EvalConfig(
             split=args.split, num_prompts=args.num_prompts, steps=tuple(args.steps),
             guidance=None if args.guidance is None else tuple(args.guidance), candidates=args.candidates,
             best_of=args.best_of, num_recon=args.num_recon, num_inpaint=args.num_inpaint,
-            batch_size=args.batch_size, stages=args.stages, seed=args.seed,
+            batch_size=args.batch_size, options=pipe.options(**given_options(args)), seed=args.seed,
         )
-        pipe = MusePipeline.from_pretrained(args.model).to(device)
         scorer = PromptScorer.load(args.scorer, device=device) if args.scorer is not None else pipe.scorer
         scorer_name = args.scorer if args.scorer is not None else (None if scorer is None else "the model's scorer/")
         report = evaluate(pipe, args.data, config, scorer=scorer, model_name=args.model or "the bundled model",

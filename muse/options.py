@@ -54,7 +54,8 @@ class SamplingOptions:
     stages: int | None = _option(None, "1: base stage only; 2: with super-resolution (default: every stage the "
                                        "pipeline has)", choices=(1, 2))
     num_candidates: int = _option(1, "best-of-N: make N candidates per image and keep the one the pipeline's scorer "
-                                     "rates best (its log-likelihood without a scorer)", flags=("--candidates",))
+                                     "rates best (its log-likelihood without a scorer); a pipeline's default applies "
+                                     "to generation, editing tasks make one unless asked", flags=("--candidates",))
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "superres_steps", "num_candidates"):

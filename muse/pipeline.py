@@ -85,8 +85,9 @@ EDIT_MODES = ("random", "confidence")
 PRECISIONS = ("float32", "bfloat16", "auto")
 MAX_SEED = 2**32  # seeds are 32-bit so that sub-streams (windows, stages, edit rounds) can use the high word
 
-ImageInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike]
-MaskInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike]
+# One image (or mask) in any of these forms, or a list of them of one size.
+ImageInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike, Sequence]
+MaskInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike, Sequence]
 # Best-of-N: (images, prompts) -> (B,) scores, higher is better. `muse.scorer.PromptScorer` is one.
 Scorer = Callable[[list[Image.Image], list[str]], Tensor]
 SCORER_DIR = "scorer"  # a PromptScorer saved here inside a pipeline directory is the default best-of-N scorer
@@ -306,6 +307,13 @@ class MusePipeline:
         """Side in pixels of a generated image (the transformer's grid at the output resolution)."""
         return self.transformer.config.grid_size * self.stride(stages)
 
+    def _editing_options(self, options: SamplingOptions | None, overrides: dict[str, Any]) -> SamplingOptions:
+        """An editing task's options: as `options`, but one candidate unless the call asks for more -- a pipeline's
+        best-of-N default is for generation, where it pays; an edit is interactive, and its image constrains it."""
+        if options is None and "num_candidates" not in overrides:
+            overrides = {**overrides, "num_candidates": 1}
+        return self.options(options, **overrides)
+
     def options(self, options: SamplingOptions | None = None, **overrides: Any) -> SamplingOptions:
         """The sampling options of a call: `options` (default: `config.sampling`) with `overrides` by field name.
         Raises TypeError for an unknown name and ValueError for an invalid value or one over `config.limits`."""
@@ -493,7 +501,7 @@ class MusePipeline:
         **overrides: Any,
     ) -> Task:
         """`inpaint`'s work as a task for `submit`; every input is checked here, before any work."""
-        options = self.options(options, **overrides)
+        options = self._editing_options(options, overrides)
         prompts = _prompt_list(prompt)
         stride = self.stride(self._resolve_stages(options.stages))
         images = self._image_input(image)
@@ -543,7 +551,7 @@ class MusePipeline:
         **overrides: Any,
     ) -> Task:
         """`outpaint`'s work as a task for `submit`; every input is checked here, before any work."""
-        options = self.options(options, **overrides)
+        options = self._editing_options(options, overrides)
         prompts = _prompt_list(prompt)
         stride = self.stride(self._resolve_stages(options.stages))
         images = self._image_input(image)
@@ -599,7 +607,7 @@ class MusePipeline:
         **overrides: Any,
     ) -> Task:
         """`edit`'s work as a task for `submit`; every input is checked here, before any work."""
-        options = self.options(options, **overrides)
+        options = self._editing_options(options, overrides)
         prompts = _prompt_list(prompt)
         if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
@@ -651,7 +659,7 @@ class MusePipeline:
         """`upscale`'s work as a task for `submit`; every input is checked here, before any work."""
         if self.superres is None:
             raise ValueError("this pipeline has no super-resolution stage to upscale with")
-        options = self.options(options, **overrides)
+        options = self._editing_options(options, overrides)
         if options.stages == 1:
             raise ValueError("upscale runs the super-resolution stage; stages=1 would skip it")
         prompts = _prompt_list(prompt)
@@ -1093,8 +1101,25 @@ def _open_image(path: str | os.PathLike, name: str) -> Image.Image:
         raise ValueError(f"{name}: {os.fspath(path)} is not an image file PIL can read") from None
 
 
+def _stacked(items: list, convert: Callable[[Any, str], Tensor], name: str) -> Tensor:
+    """A list of images (or masks) of one size, each in any accepted form -> one batch."""
+    if not items:
+        raise ValueError(f"{name} is an empty list")
+    for i, item in enumerate(items):
+        if isinstance(item, (list, tuple)):
+            raise TypeError(f"{name}[{i}] must be a PIL image, a path, a numpy array or a tensor, got a nested "
+                            f"{type(item).__name__}")
+    parts = [convert(item, f"{name}[{i}]") for i, item in enumerate(items)]
+    sizes = {tuple(p.shape[-2:]) for p in parts}
+    if len(sizes) > 1:
+        raise ValueError(f"the {name} list mixes sizes {sorted(sizes)} (height, width); give images of one size")
+    return torch.cat(parts)
+
+
 def _image_tensor(image: ImageInput, name: str) -> Tensor:
-    """Any accepted image form -> (N, 3, H, W) float32 in [-1, 1] on the CPU."""
+    """Any accepted image form, or a list of them -> (N, 3, H, W) float32 in [-1, 1] on the CPU."""
+    if isinstance(image, (list, tuple)):
+        return _stacked(list(image), _image_tensor, name)
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(image, name)
     if isinstance(image, Image.Image):
@@ -1132,8 +1157,11 @@ def _image_tensor(image: ImageInput, name: str) -> Tensor:
 def _mask_tensor(mask: MaskInput, name: str) -> Tensor:
     """Any accepted mask form -> (N, H, W) bool on the CPU, True = regenerate.
 
-    PIL and uint8 masks are white = regenerate (>= 128) unless they hold only 0 and 1; float masks are >= 0.5.
+    PIL and uint8 masks are white = regenerate (>= 128) unless they hold only 0 and 1; float masks are >= 0.5. A list
+    of masks stacks.
     """
+    if isinstance(mask, (list, tuple)):
+        return _stacked(list(mask), _mask_tensor, name)
     if isinstance(mask, (str, os.PathLike)):
         mask = _open_image(mask, name)
     if isinstance(mask, Image.Image):

@@ -238,7 +238,9 @@ class DecodeState:
         remaining = self.remaining  # (B,) equals unknown.sum(1)
         valid = torch.arange(width, device=device) < remaining[:, None]  # (B, M)
 
-        u = rng.uniform_float32(rng.random_bits(self.keys, self.step, rng.TOKEN_STREAM, positions))
+        token_bits, choice_bits = rng.random_bits(self.keys, self.step, (rng.TOKEN_STREAM, rng.CHOICE_STREAM),
+                                                  positions)  # each (B, M)
+        u = rng.uniform_float32(token_bits)
         sampled, log_prob = self._sample(logits.float(), u)
         finite = torch.isfinite(log_prob).all(dim=1)  # (B,)
         if not bool(finite.all()):
@@ -249,7 +251,7 @@ class DecodeState:
         confidence = log_prob
         noisy = noise_scale > 0
         if bool(noisy.any()):
-            g = rng.uniform_open_float64(rng.random_bits(self.keys, self.step, rng.CHOICE_STREAM, positions))
+            g = rng.uniform_open_float64(choice_bits)
             gumbel = (-torch.log(-torch.log(g))).to(torch.float32)
             noisy_confidence = log_prob + noise_scale.to(torch.float32)[:, None] * gumbel
             confidence = torch.where(noisy[:, None], noisy_confidence, log_prob)

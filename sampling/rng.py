@@ -20,9 +20,10 @@ EDIT_STREAM = 2  # which tokens an edit re-masks
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
-    """x * c mod 2**32 for x in [0, 2**32): split c into 16-bit halves so no product reaches 2**63."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
+    """x * c mod 2**32 for x, c in [0, 2**32). The int64 product can pass 2**63, where it wraps (two's complement,
+    as every torch backend's integer multiply does): its low 32 bits stay exact, and only they are kept.
+    `tests/sampling/test_rng.py` checks the result against plain Python integers."""
+    return (x * c) & MASK32
 
 
 def mix32(x: Tensor) -> Tensor:
@@ -45,16 +46,22 @@ def seed_keys(seeds: Tensor) -> Tensor:
 MAX_STEP = 2**24  # steps are absorbed as 24 bits beside the 8-bit stream
 
 
-def random_bits(keys: Tensor, step: int | Tensor, stream: int, positions: Tensor) -> Tensor:
+def random_bits(keys: Tensor, step: int | Tensor, stream: int | tuple[int, ...], positions: Tensor) -> Tensor:
     """Uniform 32-bit integers (int64 in [0, 2**32)) for each (row key, step, stream, position).
 
     keys: (B,) from `seed_keys`; step: one int for every row, or a (B,) integer tensor (rows at different steps; its
     values must lie in [0, MAX_STEP), which callers guarantee -- checking would cost a device sync per call);
-    positions: (B, M) or (M,) integer grid positions. Returns (B, M).
+    positions: (B, M) or (M,) integer grid positions. Returns (B, M); with a tuple of S streams, (S, B, M) -- the same
+    numbers as S calls, in one pass (decoding draws two streams at every step).
     """
-    if not 0 <= stream < 2**8 or (not isinstance(step, Tensor) and not 0 <= step < MAX_STEP):
+    streams = stream if isinstance(stream, tuple) else (stream,)
+    if not all(0 <= s < 2**8 for s in streams) or (not isinstance(step, Tensor) and not 0 <= step < MAX_STEP):
         raise ValueError(f"random_bits: step must be in [0, 2**24) and stream in [0, 2**8), got {step}, {stream}")
-    row = mix32(keys ^ ((stream << 24) | step))[:, None]  # (B, 1)
+    if isinstance(stream, tuple):
+        code = torch.tensor([s << 24 for s in streams], dtype=torch.int64, device=keys.device)[:, None]  # (S, 1)
+        row = mix32(keys ^ (code | step))[..., None]  # (S, B, 1)
+    else:
+        row = mix32(keys ^ ((stream << 24) | step))[:, None]  # (B, 1)
     # Two rounds with an independent second key: two rows whose keys differ by x would otherwise share values at
     # positions p and p ^ x.
     second = mix32(row ^ 0x5BD1E995)

@@ -1,6 +1,7 @@
 """The decoding engine: jobs of many tasks share each tick's forward, and every task's tokens are bit-identical to its
 solo run; cancellation frees rows; step events; the first-step sharing and the CPU row chunks of the forward."""
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 import muse.engine as engine_module
 from muse.engine import Cancelled, Engine, EngineFull, Finished, Job, Queued, Step, Task
-from muse.pipeline import guided_logits
+from muse.pipeline import MusePipeline, guided_logits
 from sampling import DecodeSettings
 
 
@@ -245,6 +246,20 @@ def test_all_masked_rows_with_the_same_prompt_share_their_first_step(tiny_pipe, 
     while not (a.done() and b.done()):
         engine.tick()
     assert rows == [2, 4]
+
+
+def test_rows_with_nothing_left_to_commit_leave_the_forward(tiny_pipe, picture, monkeypatch):
+    small, large = np.zeros((16, 16), bool), np.zeros((16, 16), bool)
+    small[:4, :4] = True  # one token (no dilation below): done after its first step
+    large[:, :12] = True
+    pipe = MusePipeline(tiny_pipe.vqgan, tiny_pipe.text_encoder, tiny_pipe.transformer,
+                        config=dataclasses.replace(tiny_pipe.config, mask_dilation=0))
+    alone = [pipe.inpaint("a cat", image=picture, mask=m, seed=s) for m, s in ((small, 1), (large, 2))]
+    rows = count_forwards(monkeypatch, pipe.transformer)
+    both = pipe.inpaint("a cat", image=[picture, picture], mask=np.stack([small, large]), seed=[1, 2])
+    assert rows[0] == 4 and rows[1:] == [2] * (len(rows) - 1)  # the finished row's two branches are left out
+    for i in range(2):
+        assert torch.equal(both.tokens[i], alone[i].tokens[0])
 
 
 def test_cpu_forwards_run_in_chunks_of_rows_with_the_same_result(tiny_pipe, monkeypatch):

@@ -83,3 +83,16 @@ def test_open_unit_interval_excludes_both_ends():
 def test_random_bits_rejects_out_of_range_step():
     with pytest.raises(ValueError, match="step"):
         rng.random_bits(rng.seed_keys(torch.tensor([1])), 2**24, 0, torch.arange(3))
+
+
+def test_several_streams_in_one_call_are_the_separate_calls():
+    keys = rng.seed_keys(torch.tensor([0, 5, 2**33 + 7]))
+    positions = torch.randint(0, 4096, (3, 11))
+    step = torch.tensor([0, 3, 2**24 - 1])
+    both = rng.random_bits(keys, step, (rng.TOKEN_STREAM, rng.CHOICE_STREAM), positions)
+    assert both.shape == (2, 3, 11)
+    assert torch.equal(both[0], rng.random_bits(keys, step, rng.TOKEN_STREAM, positions))
+    assert torch.equal(both[1], rng.random_bits(keys, step, rng.CHOICE_STREAM, positions))
+    for row in range(3):  # a per-row step tensor is each row's own int step
+        alone = rng.random_bits(keys[row : row + 1], int(step[row]), rng.CHOICE_STREAM, positions[row : row + 1])
+        assert torch.equal(alone[0], both[1, row])
