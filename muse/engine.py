@@ -75,7 +75,8 @@ class Job:
     tokens: (B, L) long starting grid, row-major over `grid` = (h, w), the model's mask id where unknown. context: B
     rows, or 2B with guidance (guidance_scale > 1): the B conditional rows, then the B unconditional ones.
     row_keys: optionally one key per context row, equal keys meaning equal context rows (a prompt); rows of an
-    all-masked grid with equal keys then compute their first step once.
+    all-masked grid with equal keys then compute their first step once. stage: which stage of a cascade the job
+    decodes (0 base, 1 super-resolution), reported in its events.
     """
 
     model: TokenPredictor
@@ -87,6 +88,7 @@ class Job:
     guidance_scale: float = 1.0
     guidance_schedule: str = "constant"
     row_keys: tuple[Hashable, ...] | None = None
+    stage: int = 0
 
     def __post_init__(self) -> None:
         B = self.tokens.shape[0]
@@ -167,6 +169,7 @@ class Step:
     num_steps: int
     masked: int       # tokens still masked over the job's rows
     grid: tuple[int, int]
+    stage: int        # the job's `stage`
     preview: Callable[[], Tensor]
 
 
@@ -714,7 +717,7 @@ class Engine:
                 rows = j.rows
                 state = group.state
                 j.task.handle._emit(Step(job=j.index, index=j.steps_run, num_steps=j.job.settings.num_steps,
-                                         masked=masked, grid=j.job.grid,
+                                         masked=masked, grid=j.job.grid, stage=j.job.stage,
                                          preview=lambda state=state, rows=rows: state.preview()[rows]))
             if masked == 0:
                 finished.append(j)

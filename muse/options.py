@@ -115,17 +115,22 @@ class Limits:
     max_images: int = 256             # images of one call, every candidate counted: prompts x num_images x candidates
     max_candidates: int = 64          # num_candidates
     max_pixels: int = 1024 * 1024     # width x height of an input image, and of an outpainted canvas
+    max_pad: int = 2048               # pixels outpainting adds on any one side
     max_iterations: int = 100         # edit iterations
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_integer(self, f.name, low=1)
 
-    def check(self, options: SamplingOptions) -> None:
-        """Raise ValueError naming the limit if `options` ask for more than it allows."""
-        for name in ("num_steps", "superres_steps"):
-            self.check_value(name, getattr(options, name), "max_steps")
-        self.check_value("num_candidates", options.num_candidates, "max_candidates")
+    def check(self, options: SamplingOptions | Mapping[str, Any]) -> None:
+        """Raise ValueError naming the limit if `options` (or a mapping of some of them) ask for more than it allows;
+        values that are not integers are left to the options' own checks."""
+        get = options.get if isinstance(options, Mapping) else lambda name: getattr(options, name)
+        for name, limit in (("num_steps", "max_steps"), ("superres_steps", "max_steps"),
+                            ("num_candidates", "max_candidates")):
+            value = get(name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                self.check_value(name, int(value), limit)
 
     def check_value(self, what: str, value: int, limit: str) -> None:
         """Raise ValueError if `value` (named `what`) is over the limit called `limit`."""

@@ -317,6 +317,7 @@ class MusePipeline:
     def options(self, options: SamplingOptions | None = None, **overrides: Any) -> SamplingOptions:
         """The sampling options of a call: `options` (default: `config.sampling`) with `overrides` by field name.
         Raises TypeError for an unknown name and ValueError for an invalid value or one over `config.limits`."""
+        self.config.limits.check(overrides)  # first, so that 10**9 steps are refused by the limit's name
         resolved = (self.config.sampling if options is None else options).with_overrides(overrides)
         self.config.limits.check(resolved)
         return resolved
@@ -557,6 +558,7 @@ class MusePipeline:
         images = self._image_input(image)
         _check_size(images, stride, "image")
         pad = _check_pad(pad, stride)
+        self.config.limits.check_value("the largest pad", max(pad), "max_pad")
         height, width = images.shape[-2] + pad[1] + pad[3], images.shape[-1] + pad[0] + pad[2]
         self.config.limits.check_value("the outpainted canvas's pixels", height * width, "max_pixels")
         prompts, images, _ = _paired(prompts, images)
@@ -923,6 +925,7 @@ class MusePipeline:
                 guidance_scale=call.options.guidance_scale,
                 guidance_schedule=call.options.guidance_schedule,
                 row_keys=row_keys,
+                stage=stage,
             )
             grid[:, win.rows, win.cols] = out.tokens.view(B, h, w)  # (B, h, w)
             log_prob_sum += out.log_probs.sum(dim=1)
@@ -966,13 +969,12 @@ class MusePipeline:
         # bit of a pixel must not depend on which other images were in the batch. Decoding is a small part of a call.
         return torch.cat([vqgan.decode(row[None]).float().cpu() for row in tokens])
 
-    def decode_preview(self, tokens: Tensor, stage: int) -> list[Image.Image]:
-        """Images of (B, L) preview tokens (`engine.Step.preview()`) of a square stage-`stage` grid (0 base, 1
-        super-res): what a live preview shows."""
-        side = math.isqrt(tokens.shape[1])
+    def decode_preview(self, tokens: Tensor, grid: tuple[int, int], stage: int) -> list[Image.Image]:
+        """Images of (B, L) preview tokens (`engine.Step.preview()`) of a (h, w) grid of stage `stage` (0 base, 1
+        super-res): what a live preview shows. Positions no step has sampled yet show the last code."""
         mask_id = (self.transformer if stage == 0 else self.superres).config.mask_token_id
-        grid = tokens.view(-1, side, side).clamp(max=mask_id - 1)  # never-sampled positions show code K-1
-        return _to_pil(self._decode_pixels(grid, 1 if stage == 0 else 2))
+        ids = tokens.view(-1, *grid).clamp(max=mask_id - 1)  # (B, h, w)
+        return _to_pil(self._decode_pixels(ids, 1 if stage == 0 else 2))
 
     def _base_image(self, images: Tensor, stride: int, stages: int) -> Tensor:
         """(B, 3, H, W) images at the output resolution -> the base VQGAN's resolution (H / stride tokens high).

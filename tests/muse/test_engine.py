@@ -135,7 +135,7 @@ def test_step_events_report_progress_and_previews(tiny_pipe):
     mask_id = tiny_pipe.transformer.config.mask_token_id
     assert all(int(p.max()) < mask_id for p in previews)  # a full guess at every step
     assert torch.equal(previews[-1], out.tokens.view(1, 16))
-    assert tiny_pipe.decode_preview(previews[0], 0)[0].size == (16, 16)
+    assert tiny_pipe.decode_preview(previews[0], (4, 4), 0)[0].size == (16, 16)
 
 
 def test_max_rows_queues_jobs_until_rows_free_up(tiny_pipe):

@@ -108,11 +108,11 @@ def test_parsed_flags_hold_exactly_what_the_user_set():
 
 
 def test_the_server_schema_lists_every_option():
-    from muse.server import ENDPOINTS
+    from muse.server import TASKS, request_model
 
-    for endpoint, (_, allowed, _) in ENDPOINTS.items():
-        expected = set(option_names()) - ({"num_steps", "stages"} if endpoint == "/upscale" else set())
-        assert set(option_names()) & allowed == expected, endpoint
+    for endpoint, (_, _, excluded) in TASKS.items():
+        fields = set(request_model(endpoint).model_fields)
+        assert set(option_names()) & fields == set(option_names()) - set(excluded), endpoint
 
 
 def test_the_manifest_records_every_option_resolved(tiny_pipeline_dir, tmp_path):
