@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # every decoding step (bench-256, 16 rows: ~130k minor faults per forward, about 10% of its time); forwards of 1024
 # tokens keep the largest activation, the MLP's, at 8 MiB for width 512, which the heap reuses (~38k faults).
 CPU_TOKENS_PER_FORWARD = 1024
+# A tick leaves out rows that need no forward (finished rows, first-step duplicates) only when they are at least this
+# share of its rows; below it, computing them is cheaper than re-cutting the others' context (see `_Group._plan`).
+MIN_ROWS_SAVED = 0.25
 
 
 class Context(Protocol):
@@ -250,21 +253,30 @@ def forward_rows(
     chunks: Sequence[tuple[slice, Context]],
     grid: tuple[int, int],
     buffer: list[Tensor],
+    widths: Sequence[int] | None = None,
 ) -> Tensor:
     """The model over rows `tokens` (N, L) at `positions` (N, M), one forward per chunk of rows with its context ->
-    float32 logits (N, M, K). With several chunks the logits land in `buffer[0]`, grown when too small and reused."""
+    float32 logits (N, M, K). With several chunks the logits land in `buffer[0]`, grown when too small and reused.
+
+    widths: optionally, per chunk, how many leading positions its rows need (their largest still-masked count; the
+    rest is padding, see `DecodeState.positions`). A chunk of rows near the end of their decode then pays for its
+    own few positions in the last layer and the head, not for the widest row of the tick; its padding entries keep
+    whatever finite values the buffer holds (never read).
+    """
     if len(chunks) == 1:
         return model(tokens, chunks[0][1], positions, grid).float()
-    N = tokens.shape[0]
+    N, M = positions.shape
     out = None
-    for rows, context in chunks:
-        logits = model(tokens[rows], context, positions[rows], grid)  # (n, M, K)
+    for c, (rows, context) in enumerate(chunks):
+        width = M if widths is None else max(1, min(M, widths[c]))
+        logits = model(tokens[rows], context, positions[rows, :width], grid)  # (n, width, K)
         if out is None:
-            size = N * logits.shape[1] * logits.shape[2]
+            size = N * M * logits.shape[-1]
             if buffer[0].numel() < size or buffer[0].device != logits.device:
-                buffer[0] = torch.empty(size, dtype=torch.float32, device=logits.device)
-            out = buffer[0][:size].view(N, *logits.shape[1:])
-        out[rows] = logits
+                # Zeros, not empty: padding entries a narrower chunk never writes must be finite.
+                buffer[0] = torch.zeros(size, dtype=torch.float32, device=logits.device)
+            out = buffer[0][:size].view(N, M, logits.shape[-1])
+        out[rows, :width] = logits
     return out
 
 
@@ -329,6 +341,9 @@ class _Group:
 
     def rebuild(self) -> None:
         """Merge the jobs' states and contexts after jobs joined or left."""
+        # Widest first: contiguous row chunks then hold rows with similar still-masked counts, and each chunk's last
+        # layer and head run at its own rows' width (`forward_rows(widths=...)`), not the widest row of the tick.
+        self.jobs.sort(key=lambda job: -int(job.state.remaining.max()))
         states = [job.state for job in self.jobs]  # each job holds its own rows while the group is not merged
         start = uncond = 0
         for job in self.jobs:
@@ -378,11 +393,16 @@ class _Group:
             tokens = torch.cat([tokens, tokens[self.uncond_rows]])  # (R, L)
             positions = torch.cat([positions, positions[self.uncond_rows]])  # (R, M)
         rows, source, chunks = self._plan()
+        remaining = state.remaining.tolist()
         if rows is None:
-            logits = forward_rows(self.model, tokens, positions, self.chunks, self.grid, self.buffer)  # (R, M, K)
+            widths = [max(remaining[g] for g in self.grid_rows[c]) for c, _ in self.chunks]
+            logits = forward_rows(self.model, tokens, positions, self.chunks, self.grid, self.buffer,
+                                  widths)  # (R, M, K)
             computed = tokens.shape[0]
         else:
-            some = forward_rows(self.model, tokens[rows], positions[rows], chunks, self.grid, self.buffer)
+            grid_rows = [self.grid_rows[r] for r in rows.tolist()]
+            widths = [max(remaining[g] for g in grid_rows[c]) for c, _ in chunks]
+            some = forward_rows(self.model, tokens[rows], positions[rows], chunks, self.grid, self.buffer, widths)
             computed = rows.shape[0]
             # Rows that share a computed row copy it; rows with nothing left to commit get zeros, never read.
             logits = torch.cat([some, some.new_zeros(1, *some.shape[1:])])[source]  # (R, M, K)
@@ -420,7 +440,9 @@ class _Group:
                 first[name] = len(compute)
             source.append(len(compute))
             compute.append(row)
-        if len(compute) == len(self.grid_rows):
+        # Leaving rows out costs a copy of the other rows' context (and of their logits) whenever the plan changes,
+        # which with requests arriving every tick is every tick: worth it only for a large share of the rows.
+        if len(compute) > (1 - MIN_ROWS_SAVED) * len(self.grid_rows):
             plan = (None, None, None)
         else:
             device = self.state.tokens.device
