@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from muse.config import ConfigError, SuperResRun, TransformerRun, load_config
 from muse.options import SamplingOptions, add_option_arguments, given_options
@@ -76,17 +75,6 @@ def assemble(
     return MusePipeline(vqgan, TextEncoder(base.text), transformer, superres, superres_vqgan, config)
 
 
-def store_weights_as(path: str | os.PathLike, dtype: torch.dtype) -> None:
-    """Rewrite every component's floating-point weights under the pipeline directory `path` in `dtype` (atomically,
-    file by file). Loading casts them back to the model's dtype, so float16 halves the size on disk at the cost of
-    rounding the weights once; integer buffers are left as they are."""
-    for file in sorted(Path(path).glob("*/model.safetensors")):
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(file).items()}
-        tmp = file.with_name(file.name + ".tmp")
-        save_file(state, tmp)
-        os.replace(tmp, file)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer-run", type=Path, required=True, help="run directory of the base stage")
     parser.add_argument("--superres-run", type=Path, default=None, help="run directory of the super-res stage")
@@ -114,9 +102,7 @@ def main(args: argparse.Namespace) -> int:
             pipe.scorer = PromptScorer.load(args.scorer)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"muse assemble: {e}") from None
-    pipe.save_pretrained(args.out)
-    if args.weights_dtype != "float32":
-        store_weights_as(args.out, getattr(torch, args.weights_dtype))
+    pipe.save_pretrained(args.out, getattr(torch, args.weights_dtype))
     stages = "base + super-res" if pipe.superres is not None else "base only"
     if pipe.superres is not None and config.sampling.stages == 1:
         stages += ", base only unless a call asks for stages=2"

@@ -500,10 +500,13 @@ class Engine:
         """Queue a task; it starts at the next tick. Thread-safe. Raises EngineFull past `max_queued`."""
         handle = TaskHandle(self, task, on_event)
         with self._lock:
-            if self.max_queued is not None and self._queued_tasks >= self.max_queued:
-                raise EngineFull(f"the engine's queue is full ({self.max_queued} tasks waiting)")
+            # Waiting work is both: tasks not started yet, and started tasks whose next job waits for rows.
+            waiting = self._queued_tasks + len(self._pending)
+            if self.max_queued is not None and waiting >= self.max_queued:
+                raise EngineFull(f"the engine's queue is full ({waiting} tasks waiting, max_queued="
+                                 f"{self.max_queued})")
             self._queued_tasks += 1
-            position = self._queued_tasks - 1 + len(self._pending)
+            position = waiting
             self._inbox.append(("submit", handle))
             self._wake.notify()
         handle._emit(Queued(position))

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from muse import bundled
 from muse.bundled import DEFAULT_PRESET, PIPELINE_FILE, bundled_presets
+from muse.data.images import to_rgb
 from muse.engine import Engine, Event, Job, Task, TaskHandle, TaskSteps, forward_rows, rows_per_forward, split_rows
 from muse.options import Limits, SamplingOptions, option_names
 from sampling import (
@@ -74,8 +75,8 @@ from sampling import (
 from superres.model import SuperResTransformer
 from transformer.config import TextEncoderConfig
 from transformer.model import MaskedTransformer, TextContext
-from transformer.saving import CONFIG_NAME, WEIGHTS_NAME, config_from_dict
-from transformer.text import MINILM_ALIAS, TextEmbedding, TextEncoder
+from transformer.saving import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_config, read_weights
+from transformer.text import MINILM_ALIAS, TextEmbedding, TextEncoder, check_text
 from vqgan.model import VQGAN
 
 TEXT_ENCODER_FILE = "text_encoder.json"
@@ -360,23 +361,30 @@ class MusePipeline:
         text_encoder = _load_component("text_encoder", path, _load_text_encoder)
         pipe = cls(vqgan, text_encoder, transformer, superres, superres_vqgan, config)
         if (path / SCORER_DIR).is_dir():
+            # Its towers load on first use, but its own files are checked now: a damaged scorer must stop the load,
+            # not fail the first best-of-N request.
+            _load_component(SCORER_DIR, path, _check_scorer)
             pipe._scorer_dir = path / SCORER_DIR
         return pipe
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write one directory per component, text_encoder.json, `scorer/` when the default scorer is a saved or
-        savable PromptScorer, and pipeline.json (last, so an interrupted save is never mistaken for a complete one)."""
+        savable PromptScorer, and pipeline.json (last, so an interrupted save is never mistaken for a complete one).
+
+        Weights are stored as the components hold them, or cast to `dtype` (torch.float16 halves a float32 model on
+        disk; loading casts back). Under `config.precision` "auto" on a CPU with fast bfloat16 the token models hold
+        bfloat16 weights -- what runs is what is saved."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         components = ["vqgan", "transformer"]
-        self.vqgan.save_pretrained(path / "vqgan")
-        self.transformer.save_pretrained(path / "transformer")
+        self.vqgan.save_pretrained(path / "vqgan", dtype)
+        self.transformer.save_pretrained(path / "transformer", dtype)
         if self.superres is not None:
             components.append("superres")
-            self.superres.save_pretrained(path / "superres")
+            self.superres.save_pretrained(path / "superres", dtype)
         if self.superres_vqgan is not None:
             components.append("superres_vqgan")
-            self.superres_vqgan.save_pretrained(path / "superres_vqgan")
+            self.superres_vqgan.save_pretrained(path / "superres_vqgan", dtype)
 
         text_config = self.text_encoder.config
         if text_config.name_or_path != MINILM_ALIAS and Path(self.text_encoder.source).is_dir():
@@ -661,9 +669,11 @@ class MusePipeline:
         """`upscale`'s work as a task for `submit`; every input is checked here, before any work."""
         if self.superres is None:
             raise ValueError("this pipeline has no super-resolution stage to upscale with")
+        for name in ("num_steps", "stages"):
+            if name in overrides:
+                raise ValueError(f"upscale runs the super-resolution stage alone: {name} does not apply (the "
+                                 "stage's steps are superres_steps)")
         options = self._editing_options(options, overrides)
-        if options.stages == 1:
-            raise ValueError("upscale runs the super-resolution stage; stages=1 would skip it")
         prompts = _prompt_list(prompt)
         images = self._image_input(image)
         _check_size(images, self.stride(1), "image")
@@ -1021,16 +1031,21 @@ def guided_logits(
 
 
 def _prompt_list(prompt: str | Sequence[str], name: str = "prompt") -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, (list, tuple)):
+    """One prompt or a list of them, checked: strings of valid text; `prompt` also non-empty (a negative prompt may
+    be "", the empty prompt guidance uses anyway)."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)):
         raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
-    if not prompt:
+    if not prompts:
         raise ValueError(f"{name} is an empty list; give at least one prompt")
-    for i, p in enumerate(prompt):
+    for i, p in enumerate(prompts):
+        where = name if isinstance(prompt, str) else f"{name}[{i}]"
         if not isinstance(p, str):
-            raise TypeError(f"{name}[{i}] must be a string, got {type(p).__name__}")
-    return list(prompt)
+            raise TypeError(f"{where} must be a string, got {type(p).__name__}")
+        check_text(p, where)
+        if name == "prompt" and not p.strip():
+            raise ValueError(f"{where} is empty; describe the image to make")
+    return list(prompts)
 
 
 def _check_int(value: int, name: str) -> int:
@@ -1095,12 +1110,22 @@ def _paired(
 
 
 def _open_image(path: str | os.PathLike, name: str) -> Image.Image:
+    """The image file at `path`, fully decoded; FileNotFoundError or ValueError naming the file otherwise."""
+    where = os.fspath(path)
+    if not os.path.exists(where):
+        raise FileNotFoundError(f"{name}: {where} does not exist")
+    if os.path.isdir(where):
+        raise ValueError(f"{name}: {where} is a directory, not an image file")
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(where) as image:
+            image.load()  # decode now: a truncated file fails here, with its name
             return image
     except UnidentifiedImageError:
-        raise ValueError(f"{name}: {os.fspath(path)} is not an image file PIL can read") from None
+        raise ValueError(f"{name}: {where} is not an image file PIL can read") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{name}: {where} is too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{name}: {where} is truncated or corrupt ({e})") from None
 
 
 def _stacked(items: list, convert: Callable[[Any, str], Tensor], name: str) -> Tensor:
@@ -1126,7 +1151,7 @@ def _image_tensor(image: ImageInput, name: str) -> Tensor:
         image = _open_image(image, name)
     if isinstance(image, Image.Image):
         try:
-            rgb = image.convert("RGB")
+            rgb = to_rgb(image)  # training's conversion: transparency on white, 16-bit scaled
         except (ValueError, OSError) as e:
             raise ValueError(f"{name}: cannot convert a {image.mode} image to RGB: {e}") from None
         image = np.asarray(rgb)
@@ -1167,7 +1192,7 @@ def _mask_tensor(mask: MaskInput, name: str) -> Tensor:
     if isinstance(mask, (str, os.PathLike)):
         mask = _open_image(mask, name)
     if isinstance(mask, Image.Image):
-        mask = np.asarray(mask.convert("L"))
+        mask = np.asarray(_mask_grey(mask))
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.array(mask))
     if not isinstance(mask, Tensor):
@@ -1182,10 +1207,22 @@ def _mask_tensor(mask: MaskInput, name: str) -> Tensor:
     if m.dtype == torch.bool:
         return m
     if m.is_floating_point():
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError(f"{name} holds NaN or infinite values; give 0 / 1 (or 0..255) per pixel")
         return m >= 0.5
     if m.numel() and int(m.max()) <= 1:
         return m > 0
     return m >= 128
+
+
+def _mask_grey(mask: Image.Image) -> Image.Image:
+    """A mask image as 8-bit grey: transparent pixels count as black (keep), since a painted mask is often strokes on
+    a transparent layer; 16-bit masks are scaled like images."""
+    if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
+        rgba = mask.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("L")
+    return to_rgb(mask).convert("L") if mask.mode.startswith(("I", "F")) else mask.convert("L")
 
 
 def _check_size(images: Tensor, stride: int, name: str) -> None:
@@ -1248,6 +1285,13 @@ def _load_component(name: str, path: Path, load: Callable[[Path], object]):
         raise ValueError(f"the pipeline's {name} at {where} is unreadable: {e}") from None
     except OSError as e:
         raise OSError(f"the pipeline's {name} at {where} cannot be loaded: {e}") from None
+
+
+def _check_scorer(path: Path) -> None:
+    from muse.scorer import ScorerConfig
+
+    load_config(path, ScorerConfig)
+    read_weights(path)
 
 
 def _load_text_encoder(path: Path) -> TextEncoder:

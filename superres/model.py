@@ -95,8 +95,9 @@ class SuperResTransformer(nn.Module):
         the (B, M) `positions`. `grid` is the high-res (h, w), square by default."""
         return self.high(high_tokens, context, positions, grid)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        save_component(path, self.config, self)
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write config.json and model.safetensors (floating-point weights in `dtype` when given) into `path`."""
+        save_component(path, self.config, self, dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> SuperResTransformer:

@@ -335,8 +335,9 @@ class MaskedTransformer(nn.Module):
             x = block(x, memory, context.bias, positions if i == last else None)  # (B, L, D); (B, M, D) after the last
         return self.head(self.norm(x))  # (B, L | M, K)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        save_component(path, self.config, self)
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write config.json and model.safetensors (floating-point weights in `dtype` when given) into `path`."""
+        save_component(path, self.config, self, dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MaskedTransformer:

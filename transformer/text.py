@@ -11,9 +11,12 @@ returned in the encoder's dtype; the transformer casts them to its own. (T5 v1.1
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -97,6 +100,7 @@ class TextEncoder:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise ValueError(f"prompts[{i}] must be a string, got {type(prompt).__name__}")
+            check_text(prompt, f"prompts[{i}]")
         identity = self._identity()
         rows: dict[str, tuple[Tensor, Tensor]] = {}
         for prompt in dict.fromkeys(prompts):
@@ -119,6 +123,7 @@ class TextEncoder:
         return TextEmbedding(states, mask)
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        self._warn_truncated(prompts)
         batch = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.config.max_length, return_tensors="pt"
         )
@@ -128,6 +133,15 @@ class TextEncoder:
             states = self.model(input_ids=ids, attention_mask=attention).last_hidden_state  # (B, S, D)
             mask = attention.bool()  # (B, S)
             return states.masked_fill(~mask[..., None], 0.0), mask
+
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        """Warn, once per prompt (encoded rows are cached), when a prompt is longer than `max_length` tokens."""
+        limit = self.config.max_length
+        for prompt, ids in zip(prompts, self.tokenizer(prompts, truncation=False)["input_ids"]):
+            if len(ids) > limit:
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                warnings.warn(f"the prompt {shown!r} is {len(ids)} tokens long; the text encoder reads the first "
+                              f"{limit}, so {len(ids) - limit} are dropped", stacklevel=4)
 
     def _remember(self, key: tuple, row: tuple[Tensor, Tensor]) -> None:
         if self.cache_size == 0:
@@ -139,6 +153,31 @@ class TextEncoder:
     def _identity(self) -> tuple:
         # Rows from another encoder, length, device or dtype must never be served.
         return (self.source, self.config.kind, self.config.max_length, str(self.device), str(self.dtype))
+
+
+def check_text(text: str, name: str) -> None:
+    """ValueError naming `name` unless `text` is valid Unicode (a lone surrogate such as "\\ud83c" -- half of an
+    emoji, as a broken JSON or terminal encoder leaves it -- made the tokenizer fail with an opaque TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid text: {e.reason} at position {e.start} ({text[e.start:e.end]!r}); "
+                         "send the whole character") from None
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own progress bars ("Loading weights 0/103 ...") inside our own output, and restore
+    them after, so a user's other use of transformers is untouched."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _resolve(name_or_path: str) -> tuple[str, bool]:
@@ -174,12 +213,14 @@ def _load(source: str, kind: str, dtype: torch.dtype, local: bool) -> tuple[PreT
         if not (Path(source) / "config.json").is_file():
             raise FileNotFoundError(f"{source} is not a Hugging Face model directory: it has no config.json")
         try:
-            return load(local_files_only=True)
+            with quiet_transformers():
+                return load(local_files_only=True)
         except OSError as e:
             raise OSError(f"could not load the text encoder from {source}: {e}") from None
     # A hub name: the local Hugging Face cache first, so that an offline machine never waits on the network.
     try:
-        return load(local_files_only=True)
+        with quiet_transformers():
+            return load(local_files_only=True)
     except OSError:
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             raise OSError(f"text encoder {source!r} is not in the Hugging Face cache (HF_HUB_OFFLINE is set)") from None

@@ -12,6 +12,7 @@ resolution; the quantizer is `vector_quantize_pytorch.VectorQuantize` with an EM
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import Tensor, nn
 from vector_quantize_pytorch import VectorQuantize
 
@@ -30,6 +31,7 @@ from .config import VQGANConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_HASH = "weights_sha256"  # the config.json key holding the weights file's SHA-256
 
 
 @dataclass
@@ -258,14 +260,21 @@ class VQGAN(nn.Module):
         return CodebookUsage(counts=counts, num_used=num_used, fraction_used=num_used / K,
                              perplexity=float(entropy.exp()))
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write `config.json` and `model.safetensors` into the directory `path` (created if needed), atomically."""
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write `config.json` and `model.safetensors` into the directory `path` (created if needed), atomically;
+        floating-point weights in `dtype` when given. config.json records the weights file's SHA-256, checked on
+        load, so a damaged copy is an error instead of silently different images."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        config = json.dumps(dataclasses.asdict(self.config), indent=2).encode()
-        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        state = {}
+        for name, tensor in self.state_dict().items():
+            tensor = tensor.detach().cpu()
+            state[name] = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+        data = save(state)
+        config = json.dumps(dataclasses.asdict(self.config) | {WEIGHTS_HASH: hashlib.sha256(data).hexdigest()},
+                            indent=2).encode()
+        _atomic_write(path / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(data))
         _atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_bytes(config))
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> VQGAN:
@@ -275,10 +284,14 @@ class VQGAN(nn.Module):
         for required in (path, config_path, weights_path):
             if not required.exists():
                 raise FileNotFoundError(f"no VQGAN at {path}: {required} does not exist")
-        config = _read_config(config_path)
+        config, digest = _read_config(config_path)
+        data = weights_path.read_bytes()
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"{weights_path} does not match the SHA-256 recorded in {config_path}: the file is damaged "
+                             "(bit rot, an interrupted copy) or was replaced; restore it from its source")
         try:
-            state = load_file(str(weights_path))
-        except (SafetensorError, OSError, ValueError) as e:
+            state = load(data)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ValueError(f"{weights_path} is corrupt or truncated: {e}") from None
         model = cls(config)
         try:
@@ -288,19 +301,21 @@ class VQGAN(nn.Module):
         return model
 
 
-def _read_config(config_path: Path) -> VQGANConfig:
+def _read_config(config_path: Path) -> tuple[VQGANConfig, str | None]:
+    """The config, and the SHA-256 of the weights it records (None in directories saved before it was)."""
     try:
         data = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
+    digest = data.pop(WEIGHTS_HASH, None)
     known = {f.name for f in dataclasses.fields(VQGANConfig)}
     for key in data:
         if key not in known:
             raise ValueError(f"{config_path}: unknown config key {key!r}")
     try:
-        return VQGANConfig(**data)
+        return VQGANConfig(**data), digest
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_path}: {e}") from None
 

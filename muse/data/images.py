@@ -18,10 +18,20 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as RGB; transparency (RGBA, LA, palette with transparency) is composited on white."""
+    """Any PIL image as RGB, the one conversion of training and inference alike: transparency (RGBA, LA, palette or
+    greyscale with transparency) is composited on white; 16-bit and 32-bit greyscale are scaled to 8 bits (PIL's own
+    conversion clips them, so a 16-bit PNG became pure white)."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if pixels.size and pixels.max() <= 1.0 else 255.0  # floats in [0, 1], else already 8-bit
+        else:
+            top = 255.0 if pixels.size and pixels.max() <= 255 else 65535.0  # "I" holds 8- or 16-bit data
+        grey = np.clip(np.nan_to_num(pixels) / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

@@ -158,6 +158,17 @@ def test_a_full_queue_refuses_new_tasks(tiny_pipe):
     engine.submit(tiny_pipe.generate_task("a dog", seed=1))
     with pytest.raises(EngineFull, match="queue is full"):
         engine.submit(tiny_pipe.generate_task("a cat", seed=1))
+    # Started tasks whose jobs wait for rows count as waiting too.
+    engine = Engine(max_rows=2, max_queued=1)
+    running = engine.submit(tiny_pipe.generate_task("a dog", seed=1, num_steps=8))
+    engine.tick()
+    waiting = engine.submit(tiny_pipe.generate_task("a cat", seed=2, num_steps=8))
+    engine.tick()  # started, but its job waits for the first one's rows
+    assert engine.rows_in_flight == 2 and engine.queued == 1
+    with pytest.raises(EngineFull, match="1 tasks waiting, max_queued=1"):
+        engine.submit(tiny_pipe.generate_task("a car", seed=3))
+    while not (running.done() and waiting.done()):
+        engine.tick()
 
 
 def test_a_task_error_fails_that_task_only(tiny_pipe):

@@ -211,6 +211,12 @@ def test_upscale_is_the_cascades_second_stage_on_any_base_size_image(tiny_cascad
         tiny_cascade.upscale("a dog", image=np.zeros((16, 18, 3), np.uint8))
     with pytest.raises(ValueError, match="no super-resolution stage"):
         tiny_pipe.upscale("a dog", image=small[0])
+    with pytest.raises(ValueError, match="num_steps does not apply"):
+        tiny_cascade.upscale("a dog", image=small[0], num_steps=3)
+    # A pipeline whose calls stop after the base stage by default still upscales.
+    base_first = MusePipeline(tiny_cascade.vqgan, tiny_cascade.text_encoder, tiny_cascade.transformer,
+                              tiny_cascade.superres, config=tiny_cascade.config.with_sampling(stages=1))
+    assert torch.equal(base_first.upscale(["a dog", "a cat"], image=small, seed=4).tokens, up.tokens)
 
 
 def test_superres_steps_are_counted_separately(tiny_cascade, monkeypatch):

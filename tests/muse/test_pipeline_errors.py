@@ -87,10 +87,27 @@ def test_bundled_model_absent_or_unknown_preset_is_explained(monkeypatch, tmp_pa
         MusePipeline.from_pretrained(tmp_path)
 
 
+def flip_a_bit(file):
+    data = bytearray(file.read_bytes())
+    data[-5] ^= 1  # deep inside the last tensor: still a valid safetensors file, silently other weights
+    file.write_bytes(bytes(data))
+
+
+def forget_hash(component):
+    """As a directory saved before weights carried their SHA-256."""
+    config = json.loads((component / "config.json").read_text())
+    del config["weights_sha256"]
+    (component / "config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize("damage, error, message", [
     (lambda d: shutil.rmtree(d / "transformer"), FileNotFoundError, "pipeline's transformer .* is missing"),
     (lambda d: (d / "vqgan" / "model.safetensors").write_bytes(b"\x00" * 20), ValueError,
-     "pipeline's vqgan .* corrupt or truncated"),
+     "pipeline's vqgan .* does not match the SHA-256"),
+    (lambda d: flip_a_bit(d / "transformer" / "model.safetensors"), ValueError,
+     "pipeline's transformer .*model.safetensors does not match the SHA-256 recorded"),
+    (lambda d: (forget_hash(d / "vqgan"), (d / "vqgan" / "model.safetensors").write_bytes(b"\x00" * 20)),
+     ValueError, "pipeline's vqgan .* corrupt or truncated"),
     (lambda d: (d / "text_encoder.json").unlink(), FileNotFoundError, "pipeline's text_encoder"),
     (lambda d: (d / "text_encoder.json").write_text('{"name_or_path": "text_encoder", "kindd": "t5"}'), ValueError,
      "unknown config key 'kindd'"),

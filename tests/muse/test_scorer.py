@@ -132,7 +132,7 @@ def test_missing_and_corrupt_files_raise_clear_errors(trained, tmp_path):
     trained[0].scorer.save(saved)
     weights = saved / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match="model.safetensors is corrupt or truncated"):
+    with pytest.raises(ValueError, match="model.safetensors does not match the SHA-256"):
         PromptScorer.load(saved)
 
 

@@ -220,7 +220,7 @@ def test_superres_resume_from_shards_is_exact(tmp_path, monkeypatch, t5):
 
 
 def test_assemble_turns_the_runs_into_a_two_stage_pipeline(tmp_path, t5):
-    from muse.assemble import assemble, store_weights_as
+    from muse.assemble import assemble
     from muse.config import ConfigError
     from muse.pipeline import MusePipeline
 
@@ -240,9 +240,9 @@ def test_assemble_turns_the_runs_into_a_two_stage_pipeline(tmp_path, t5):
     assert pipe.superres is not None and pipe.superres_vqgan is None  # one fully convolutional VQGAN serves both
     out = pipe("a prompt", num_steps=2, superres_steps=2, seed=0)
     assert out.images[0].size == (pipe.resolution(), pipe.resolution()) == (2 * 16, 2 * 16)
-    store_weights_as(tmp_path / "pipe", torch.float16)  # what the bundled model ships with
-    half = MusePipeline.from_pretrained(tmp_path / "pipe")
-    file = tmp_path / "pipe" / "transformer" / "model.safetensors"
+    pipe.save_pretrained(tmp_path / "half", dtype=torch.float16)  # what the bundled model ships with
+    half = MusePipeline.from_pretrained(tmp_path / "half")
+    file = tmp_path / "half" / "transformer" / "model.safetensors"
     from safetensors.torch import load_file
 
     assert all(v.dtype == torch.float16 for v in load_file(file).values() if v.is_floating_point())

@@ -158,7 +158,7 @@ def test_save_load_gives_identical_logits(tmp_path):
         SuperResTransformer.from_pretrained(tmp_path / "sr")
     (tmp_path / "sr" / "config.json").write_text(json.dumps(saved))
     (tmp_path / "sr" / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="is corrupt or truncated"):
+    with pytest.raises(ValueError, match="does not match the SHA-256|is corrupt or truncated"):
         SuperResTransformer.from_pretrained(tmp_path / "sr")
 
 

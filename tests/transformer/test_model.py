@@ -204,10 +204,10 @@ def test_loading_bad_directories_raises_clear_errors(tmp_path):
     weights = tmp_path / "m" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="is corrupt or truncated"):
+    with pytest.raises(ValueError, match="does not match the SHA-256|is corrupt or truncated"):
         MaskedTransformer.from_pretrained(tmp_path / "m")
     weights.write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match="is corrupt or truncated"):
+    with pytest.raises(ValueError, match="does not match the SHA-256|is corrupt or truncated"):
         MaskedTransformer.from_pretrained(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="missing"):
         MaskedTransformer.from_pretrained(tmp_path / "missing")
@@ -228,6 +228,10 @@ def test_weights_from_another_config_are_rejected(tmp_path):
     other = make_model(TransformerConfig(codebook_size=16, grid_size=4, width=32, depth=1, num_heads=4, text_dim=24))
     other.save_pretrained(tmp_path / "other")
     (tmp_path / "m" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="does not match the SHA-256 recorded"):  # a replaced file
+        MaskedTransformer.from_pretrained(tmp_path / "m")
+    config = tmp_path / "m" / "config.json"  # as saved before weights carried their hash: the shapes still tell
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "weights_sha256"}))
     with pytest.raises(ValueError, match="does not match the config"):
         MaskedTransformer.from_pretrained(tmp_path / "m")
 

@@ -152,6 +152,10 @@ def test_truncated_weights_raise_value_error_naming_the_file(tiny_config, tmp_pa
     VQGAN(tiny_config).save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match the SHA-256"):
+        VQGAN.from_pretrained(tmp_path)
+    config = tmp_path / "config.json"  # as saved before weights carried their hash
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "weights_sha256"}))
     with pytest.raises(ValueError, match=r"model\.safetensors is corrupt or truncated"):
         VQGAN.from_pretrained(tmp_path)
 
@@ -159,7 +163,7 @@ def test_truncated_weights_raise_value_error_naming_the_file(tiny_config, tmp_pa
 def test_garbage_weights_raise_value_error(tiny_config, tmp_path):
     VQGAN(tiny_config).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 7)
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="does not match the SHA-256|corrupt or truncated"):
         VQGAN.from_pretrained(tmp_path)
 
 
