@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -77,17 +78,40 @@ def assemble(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer-run", type=Path, required=True, help="run directory of the base stage")
-    parser.add_argument("--superres-run", type=Path, default=None, help="run directory of the super-res stage")
+    parser.add_argument("--superres-run", type=Path, default=None,
+                        help="run directory of the super-res stage (default: none, a base-only pipeline)")
     parser.add_argument("--out", type=Path, required=True, help="pipeline directory to write")
     # The pipeline's sampling defaults, saved in pipeline.json: one flag per option, unset ones take the library's.
-    add_option_arguments(parser, defaults={f.name: f.default for f in dataclasses.fields(SamplingOptions)})
+    add_option_arguments(parser, defaults={f.name: f.default for f in dataclasses.fields(SamplingOptions)},
+                         label="default", title="the pipeline's sampling defaults, saved in pipeline.json")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="arithmetic of the token models (auto: bfloat16 where the device runs it fast; set it "
                              "once `muse eval --precision` showed equal quality) (default: float32)")
     parser.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
-                        help="storage dtype of the weights on disk (float16: half the size; loaded back as float32)")
+                        help="storage dtype of the weights on disk (float16: half the size; loaded back as float32) "
+                             "(default: float32)")
     parser.add_argument("--scorer", type=Path, default=None,
-                        help="a trained prompt scorer (muse scorer) to ship as the pipeline's best-of-N default")
+                        help="a trained prompt scorer (muse scorer) to ship as the pipeline's best-of-N default "
+                             "(default: none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a pipeline already at --out")
+
+
+def write_fresh(pipe: MusePipeline, out: Path, dtype: torch.dtype, overwrite: bool) -> None:
+    """Save `pipe` into a new folder beside `out` and swap it in, so nothing of an earlier pipeline there (its
+    scorer/, its superres/) survives into the new one, and an interrupted save leaves the old one whole."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / "pipeline.json").is_file():
+            raise SystemExit(f"muse assemble: --out {out} exists and is not a pipeline directory; give a new folder")
+        if not overwrite:
+            raise SystemExit(f"muse assemble: --out {out} holds a pipeline already; use --overwrite to replace it")
+    fresh = out.with_name(f".{out.name}.new-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(fresh, ignore_errors=True)
+    pipe.save_pretrained(fresh, dtype)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(fresh, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -102,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
             pipe.scorer = PromptScorer.load(args.scorer)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"muse assemble: {e}") from None
-    pipe.save_pretrained(args.out, getattr(torch, args.weights_dtype))
+    write_fresh(pipe, args.out, getattr(torch, args.weights_dtype), args.overwrite)
     stages = "base + super-res" if pipe.superres is not None else "base only"
     if pipe.superres is not None and config.sampling.stages == 1:
         stages += ", base only unless a call asks for stages=2"

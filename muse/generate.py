@@ -10,12 +10,22 @@
     muse upscale "a red apple" --image apple-64.png                         # the super-res stage alone: 2x
 
 Options carry the Python API's names (`--num-steps`, `--guidance-scale`, ...; `--steps` and `--guidance` are short
-forms). `muse generate` treats `--out` as one run: image k (prompt k // num_images, seed `--seed` + k) is written to
-`DIR/{k:06d}.png` and recorded in `DIR/manifest.jsonl` as {"index", "prompt", "seed", "file", "parameters"}
-(with best-of-N also "candidate_seed" and "score"). A rerun skips every image whose record matches and whose file
-exists, so an interrupted run resumes where it stopped. Under torchrun each rank takes the prompts whose index is its
-rank modulo the world size and appends to its own `manifest.part{rank}.jsonl`; at the end rank 0 merges the parts into
-`manifest.jsonl` (`read_manifest` reads either).
+forms). Nothing the user made is overwritten without `--overwrite`:
+
+* `--out NAME.png` (.jpg, .jpeg, .webp) writes exactly that file (NAME-0.png ... with --num-images N > 1) and refuses
+  if it exists; any other suffix is refused rather than taken for a folder name.
+* `muse generate` treats `--out DIR` as one run: image k (prompt k // num_images, seed `--seed` + k) is written to
+  `DIR/{k:06d}.png` and recorded in `DIR/manifest.jsonl` as {"index", "prompt", "seed", "file", "parameters"} (with
+  best-of-N also "candidate_seed" and "score"). A rerun with the same prompts and settings skips every image whose
+  record matches and whose file is an intact image, so an interrupted run resumes where it stopped; a rerun whose
+  prompts or settings differ for images the folder already holds is refused (use another --out, or --overwrite to
+  replace them). Without `--out`, each run gets a new numbered folder `outputs/NNNN`.
+* The editing commands write `DIR/{image stem}-{command}-{seed}.png` (`--out` default: outputs) and refuse to replace
+  an existing file.
+
+Under torchrun each rank takes the prompts whose index is its rank modulo the world size and appends to its own
+`manifest.part{rank}.jsonl`; at the end rank 0 merges the parts into `manifest.jsonl` (`read_manifest` reads either).
+Every argument is checked, and the output location made, before the model is loaded.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -59,14 +70,17 @@ class Item:
 # Arguments
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--model", default=None, metavar="PATH",
                         help="saved pipeline directory or bundled preset name (default: the bundled model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: this rank's GPU, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of every component")
-    parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR|FILE",
-                        help="output directory (default: outputs), or an image file name (.png, .jpg, .webp) for a "
-                             "single prompt: with --num-images N > 1, NAME-0.png ... NAME-{N-1}.png")
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="dtype of every component (default: the model's config.precision)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR|FILE",
+                        help=f"output directory (default: {default_out}), or an image file name (.png, .jpg, .jpeg, "
+                             ".webp) for a single prompt: with --num-images N > 1, NAME-0.png ... NAME-{N-1}.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing images (default: refuse to, naming them)")
 
 
 def _add_call_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -86,7 +100,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, metavar="N",
                         help="images per pipeline call (default: 16)")
     _add_call_arguments(parser)
-    _add_model_arguments(parser)
+    _add_model_arguments(parser, "a new numbered folder outputs/NNNN")
 
 
 def add_inpaint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,16 +108,18 @@ def add_inpaint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, type=Path)
     parser.add_argument("--mask", required=True, type=Path, help="same size as the image; white = regenerate")
     _add_call_arguments(parser)
-    _add_model_arguments(parser)
+    _add_model_arguments(parser, "outputs")
 
 
 def add_outpaint_arguments(parser: argparse.ArgumentParser) -> None:
+    # "-8,0,0,0" would otherwise be read as an unknown option, not as a (negative, refused with a reason) --pad.
+    parser._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$|^-\d*\.\d+$")
     parser.add_argument("prompt")
     parser.add_argument("--image", required=True, type=Path)
     parser.add_argument("--pad", required=True, type=_parse_pad, metavar="LEFT,TOP,RIGHT,BOTTOM",
                         help="pixels to add on each side, multiples of the model's token size")
     _add_call_arguments(parser)
-    _add_model_arguments(parser)
+    _add_model_arguments(parser, "outputs")
 
 
 def add_upscale_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +127,7 @@ def add_upscale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, type=Path, help="an image at the base stage's resolution (64 px "
                         "for the bundled model; larger sides in multiples of its token size are decoded in windows)")
     _add_call_arguments(parser, exclude=("num_steps", "stages"))
-    _add_model_arguments(parser)
+    _add_model_arguments(parser, "outputs")
 
 
 def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,7 +139,7 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="random", choices=("random", "confidence"),
                         help="which tokens to re-mask: random, or the least likely under the new prompt")
     _add_call_arguments(parser)
-    _add_model_arguments(parser)
+    _add_model_arguments(parser, "outputs")
 
 
 def _parse_pad(text: str) -> tuple[int, int, int, int]:
@@ -158,14 +174,17 @@ def read_manifest(out: str | os.PathLike) -> dict[int, dict]:
     return records
 
 
+def _same_image(item: Item, record: dict, parameters: dict) -> bool:
+    """Whether a manifest record describes the image `item` would make with `parameters`."""
+    return (record.get("prompt") == item.prompt and record.get("parameters") == parameters
+            and (item.seed is None or record.get("seed") == item.seed))
+
+
 def _is_done(item: Item, record: dict | None, parameters: dict, out: Path) -> bool:
-    return (
-        record is not None
-        and record.get("prompt") == item.prompt
-        and record.get("parameters") == parameters
-        and (item.seed is None or record.get("seed") == item.seed)
-        and (out / item.file).is_file()
-    )
+    """Made already: its record matches, and its file is an intact image (a truncated one is made again)."""
+    from muse.data.folder import readable
+
+    return record is not None and _same_image(item, record, parameters) and readable(out / item.file)
 
 
 def _merge_manifest(out: Path) -> None:
@@ -223,7 +242,70 @@ def _load_pipeline(args: argparse.Namespace, command: str, local_rank: int = 0):
         pipe = MusePipeline.from_pretrained(args.model)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise _fail(command, e) from None
-    return pipe.to(device, getattr(torch, args.dtype))
+    return pipe.to(device, None if args.dtype is None else getattr(torch, args.dtype))
+
+
+def _check_device(device: str | None, command: str) -> None:
+    """Refuse a device this machine does not have, before any model is loaded."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        where = torch.device(device)
+    except RuntimeError as e:
+        raise SystemExit(f"muse {command}: --device {device!r} is not a device ({e}); use cpu, cuda or cuda:N") from None
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"muse {command}: --device {device} needs a CUDA GPU, and torch finds none here "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        if where.index is not None and where.index >= torch.cuda.device_count():
+            raise SystemExit(f"muse {command}: --device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif where.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"muse {command}: --device mps is not available on this machine; use --device cpu")
+
+
+def _output_dir(path: Path, command: str) -> Path:
+    """Make the output folder (and its parents) now, so an impossible --out fails before the model loads."""
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"muse {command}: --out {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"muse {command}: cannot create the output folder {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SystemExit(f"muse {command}: cannot write into {path} (permission denied)")
+    return path
+
+
+def _new_run_dir(root: Path, command: str) -> Path:
+    """The next free numbered folder root/0001, root/0002, ..., made (two runs never share one)."""
+    _output_dir(root, command)
+    taken = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
+    number = max(taken, default=0) + 1
+    while True:
+        candidate = root / f"{number:04d}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            number += 1
+
+
+def _file_targets(out: Path | None, n: int, command: str, overwrite: bool) -> list[Path] | None:
+    """`--out` naming an image file: the n files to write (NAME.png, or NAME-0.png ... when n > 1), checked; None for
+    a folder. An existing folder is a folder whatever its name; any other suffix is refused."""
+    if out is None or out.is_dir() or not out.suffix:
+        return None
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise SystemExit(f"muse {command}: --out {out}: {out.suffix} is not a format musegen writes; name a "
+                         f"{', '.join(IMAGE_SUFFIXES)} file, or a folder (no suffix)")
+    targets = [out] if n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(n)]
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise SystemExit(f"muse {command}: {existing[0]} exists; use --overwrite to replace it, or another --out")
+    _output_dir(out.parent if str(out.parent) else Path("."), command)
+    return targets
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -249,22 +331,24 @@ def _items(prompts: list[str], num_images: int, seed: int | None, rank: int, wor
             yield Item(index, prompts[p], None if seed is None else seed + index)
 
 
-def _file_targets(out: Path, n: int) -> list[Path] | None:
-    """`--out` naming an image file: the n files to write (NAME.png, or NAME-0.png ... when n > 1); else None."""
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
-        return None
-    return [out] if n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(n)]
-
-
 def _save_files(result, targets: list[Path], command: str) -> None:
     for k, (image, seed, path) in enumerate(zip(result.images, result.seeds, targets)):
-        path.parent.mkdir(parents=True, exist_ok=True)
         _save_png(image, path)
         chosen = ""
         if result.scores is not None:
             chosen = (f"; best of N: candidate seed {result.candidate_seeds[k]}, score {result.scores[k]:.3f}, "
                       f"remade alone by --seed {result.candidate_seeds[k]} --num-candidates 1")
         print(f"muse {command}: saved {path} (seed {seed}{chosen})")
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or NAME-2.png, NAME-3.png, ... when it is taken: a result made with a random seed is never lost to
+    a name clash, and never overwrites."""
+    candidate, k = path, 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    return candidate
 
 
 def _checked_options(args: argparse.Namespace, command: str) -> dict:
@@ -288,9 +372,11 @@ def generate_main(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise SystemExit(f"muse generate: --batch-size must be >= 1, got {args.batch_size}")
     options = _checked_options(args, "generate")
-    targets = _file_targets(args.out, args.num_images)
+    _check_device(args.device, "generate")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    targets = _file_targets(args.out, args.num_images, "generate", args.overwrite)
     if targets is not None:  # one prompt straight to image files: no manifest, nothing to resume
-        if len(prompts) != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if len(prompts) != 1 or world > 1:
             raise SystemExit(f"muse generate: --out {args.out} names one image file; give a directory for a "
                              "prompts file or a torchrun job")
         pipe = _load_pipeline(args, "generate")
@@ -301,7 +387,9 @@ def generate_main(args: argparse.Namespace) -> None:
             raise _fail("generate", e) from None
         _save_files(result, targets, "generate")
         return
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if args.out is None and world > 1:
+        raise SystemExit("muse generate: a torchrun job needs --out DIR, the one folder every rank writes into")
+    out = _new_run_dir(Path("outputs"), "generate") if args.out is None else _output_dir(args.out, "generate")
     if world > 1:
         import torch.distributed as dist
 
@@ -318,16 +406,15 @@ def generate_main(args: argparse.Namespace) -> None:
         "negative_prompt": args.negative_prompt,
         "model": str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model,
     }
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     manifest = out / (MANIFEST if world == 1 else f"manifest.part{rank:03d}.jsonl")
     done = read_manifest(out)
     mine = list(_items(prompts, args.num_images, args.seed, rank, world))
+    others = [item for item in mine if item.index in done and not _same_image(item, done[item.index], parameters)]
+    if others and not args.overwrite:
+        raise SystemExit(f"muse generate: {out} already holds {len(others)} of these images made with another prompt, "
+                         f"seed or settings (e.g. {others[0].file}: {done[others[0].index].get('prompt')!r}); use "
+                         "another --out, or --overwrite to replace them")
     todo = [item for item in mine if not _is_done(item, done.get(item.index), parameters, out)]
-    stale = sum(1 for item in todo if item.index in done and (out / item.file).is_file())
-    if stale:
-        print(f"muse generate: {out} holds {stale} images of this rank made with another prompt or settings; "
-              "they are replaced", file=sys.stderr)
 
     start = time.perf_counter()
     with tqdm(total=len(todo), unit="img", desc=f"rank {rank}" if world > 1 else "generate",
@@ -367,14 +454,28 @@ def generate_main(args: argparse.Namespace) -> None:
 
 def _run_image_task(args: argparse.Namespace, command: str, task_options: dict) -> None:
     options = _checked_options(args, command)
+    _check_device(args.device, command)
+    for name in ("image", "mask"):
+        path = getattr(args, name, None)
+        if path is not None and not path.is_file():
+            raise SystemExit(f"muse {command}: --{name} {path} " + ("is a directory, not an image file" if path.is_dir()
+                                                                   else "does not exist"))
+    targets = _file_targets(args.out, args.num_images, command, args.overwrite)
+    folder = None if targets is not None else _output_dir(args.out or Path("outputs"), command)
+    if folder is not None and args.seed is not None and not args.overwrite:
+        for k in range(args.num_images):  # known names: refuse now, before any work
+            name = folder / f"{args.image.stem}-{command}-{args.seed + k}.png"
+            if name.exists():
+                raise SystemExit(f"muse {command}: {name} exists; use --overwrite to replace it, or another --out")
     pipe = _load_pipeline(args, command)
     try:
         result = getattr(pipe, command)(args.prompt, image=args.image, num_images=args.num_images, seed=args.seed,
                                         negative_prompt=args.negative_prompt, **task_options, **options)
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise _fail(command, e) from None
-    targets = _file_targets(args.out, len(result.images)) or [
-        args.out / f"{args.image.stem}-{command}-{seed}.png" for seed in result.seeds]
+    if targets is None:
+        names = [folder / f"{args.image.stem}-{command}-{seed}.png" for seed in result.seeds]
+        targets = names if args.overwrite else [_free_name(name) for name in names]
     _save_files(result, targets, command)
 
 

@@ -116,6 +116,9 @@ class Limits:
     max_candidates: int = 64          # num_candidates
     max_pixels: int = 1024 * 1024     # width x height of an input image, and of an outpainted canvas
     max_pad: int = 2048               # pixels outpainting adds on any one side
+    # Base-stage tokens of an edited or outpainted canvas: one larger than the model's grid is decoded window by
+    # window, each a full decode, so the time grows with it (a 1024 px edit with 8 px tokens is ~1000 windows).
+    max_tokens: int = 4096
     max_iterations: int = 100         # edit iterations
 
     def __post_init__(self) -> None:
@@ -163,18 +166,20 @@ def add_option_arguments(
     parser: argparse.ArgumentParser,
     defaults: Mapping[str, Any] | None = None,
     exclude: tuple[str, ...] = (),
+    label: str = "the bundled model's default",
+    title: str = "sampling options (default: the model's own)",
 ) -> None:
     """One flag per `SamplingOptions` field (but `exclude`). A flag that is not given is absent from the parsed
     namespace, so `given_options(args)` holds exactly what the user set, and the model's own defaults apply to the
-    rest; `defaults` (e.g. the bundled model's) only feed the help text."""
-    group = parser.add_argument_group("sampling options (default: the model's own)")
+    rest; `defaults` (e.g. the bundled model's, shown as "(`label`: value)") only feed the help text."""
+    group = parser.add_argument_group(title)
     types = option_types()
     for f in dataclasses.fields(SamplingOptions):
         if f.name in exclude:
             continue
         shown = ""
         if defaults is not None:
-            shown = f" (the bundled model's default: {defaults.get(f.name, f.default)})"
+            shown = f" ({label}: {defaults.get(f.name, f.default)})"
         group.add_argument(*option_flags(f.name), dest=f"option_{f.name}", type=_base_type(types[f.name]),
                            choices=f.metadata["choices"], default=argparse.SUPPRESS,
                            metavar=None if f.metadata["choices"] else f.name.upper(),

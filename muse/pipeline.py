@@ -519,6 +519,7 @@ class MusePipeline:
             raise ValueError(f"the mask is {masks.shape[-1]}x{masks.shape[-2]} pixels but the image is "
                              f"{images.shape[-1]}x{images.shape[-2]}; they must be the same size")
         _check_size(images, stride, "image")
+        self._check_canvas(*images.shape[-2:], stride)
         prompts, images, masks = _paired(prompts, images, masks)
         call = self._call(prompts, num_images, negative_prompt, seed, options)
         return Task(self._best_of(self._inpaint(call, call.repeat(images), call.repeat(masks)), call, scorer),
@@ -569,6 +570,7 @@ class MusePipeline:
         self.config.limits.check_value("the largest pad", max(pad), "max_pad")
         height, width = images.shape[-2] + pad[1] + pad[3], images.shape[-1] + pad[0] + pad[2]
         self.config.limits.check_value("the outpainted canvas's pixels", height * width, "max_pixels")
+        self._check_canvas(height, width, stride)
         prompts, images, _ = _paired(prompts, images)
         call = self._call(prompts, num_images, negative_prompt, seed, options)
         return Task(self._best_of(self._outpaint(call, call.repeat(images), pad), call, scorer), "outpaint")
@@ -628,6 +630,7 @@ class MusePipeline:
         stride = self.stride(self._resolve_stages(options.stages))
         images = self._image_input(image)
         _check_size(images, stride, "image")
+        self._check_canvas(*images.shape[-2:], stride)
         prompts, images, _ = _paired(prompts, images)
         call = self._call(prompts, num_images, negative_prompt, seed, options)
         steps = self._edit(call, call.repeat(images), float(strength), iterations, mode)
@@ -677,6 +680,7 @@ class MusePipeline:
         prompts = _prompt_list(prompt)
         images = self._image_input(image)
         _check_size(images, self.stride(1), "image")
+        self._check_canvas(*images.shape[-2:], self.stride(1))
         prompts, images, _ = _paired(prompts, images)
         call = self._call(prompts, num_images, negative_prompt, seed, dataclasses.replace(options, stages=2))
         return Task(self._best_of(self._upscale(call, call.repeat(images)), call, scorer), "upscale")
@@ -850,6 +854,12 @@ class MusePipeline:
         self.config.limits.check_value(f"the image's pixels ({images.shape[-1]}x{images.shape[-2]})",
                                        images.shape[-1] * images.shape[-2], "max_pixels")
         return images
+
+    def _check_canvas(self, height: int, width: int, stride: int) -> None:
+        """The base-stage token canvas of a (height, width) pixel image is within `limits.max_tokens`."""
+        tokens = (height // stride) * (width // stride)
+        self.config.limits.check_value(f"the canvas's tokens ({width // stride}x{height // stride})", tokens,
+                                       "max_tokens")
 
     def _text(self, call: _Call) -> TextEmbedding:
         """The text of every row, encoded once: B conditional rows, then B unconditional ones when guided."""
@@ -1303,11 +1313,26 @@ def _load_text_encoder(path: Path) -> TextEncoder:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     config = config_from_dict(TextEncoderConfig, data, where=str(file))
-    # A relative path names a directory inside the pipeline (a copied local encoder), wherever the pipeline now is.
-    local = path / config.name_or_path
-    if config.name_or_path != MINILM_ALIAS and not Path(config.name_or_path).is_absolute() and local.is_dir():
-        config = dataclasses.replace(config, name_or_path=str(local))
-    return TextEncoder(config)
+    return TextEncoder(dataclasses.replace(config, name_or_path=_text_encoder_location(config.name_or_path, path,
+                                                                                       file)))
+
+
+def _text_encoder_location(name: str, pipeline: Path, file: Path) -> str:
+    """Where text_encoder.json's `name_or_path` points. A relative path is a directory inside the pipeline (a
+    copied local encoder), wherever the pipeline now is, and may not leave it: a pipeline someone sent must not read
+    files elsewhere on this machine. A text encoder elsewhere is named explicitly, by an absolute path (the opt-in)
+    or a hub name ("org/name"), or is the "minilm" alias."""
+    if name == MINILM_ALIAS or Path(name).is_absolute():
+        return name
+    local = pipeline / name
+    if not local.resolve().is_relative_to(pipeline.resolve()):
+        raise ValueError(f"{file}: name_or_path {name!r} leaves the pipeline directory; a text encoder outside it "
+                         "must be named by an absolute path or a hub name")
+    if local.is_dir():
+        return str(local)
+    if name.startswith("."):
+        raise FileNotFoundError(f"{file}: the text encoder directory {name!r} is not in the pipeline directory")
+    return name  # a hub name such as "google/t5-v1_1-xxl"
 
 
 def _write_json(file: Path, data: dict) -> None:

@@ -83,8 +83,10 @@ class ServerSettings:
                 raise ValueError(f"{f.name} must be > 0, got {value}")
 
     def limits(self) -> Limits:
-        return Limits(max_steps=self.max_steps, max_images=self.max_images, max_candidates=self.max_candidates,
-                      max_pixels=self.max_pixels, max_pad=self.max_pad, max_iterations=self.max_iterations)
+        """The pipeline limits these settings set; the others keep `Limits`' defaults."""
+        return dataclasses.replace(Limits(), max_steps=self.max_steps, max_images=self.max_images,
+                                   max_candidates=self.max_candidates, max_pixels=self.max_pixels,
+                                   max_pad=self.max_pad, max_iterations=self.max_iterations)
 
 
 class RequestError(ValueError):

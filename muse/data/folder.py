@@ -120,6 +120,13 @@ def read_rows(root: Path) -> list[dict]:
                 raise ValueError(f"{metadata}:{number}: not valid JSON: {error}") from None
             if not isinstance(row, dict) or "caption" not in row or not ("file" in row or "files" in row):
                 raise ValueError(f"{metadata}:{number}: each line needs 'caption' and 'file' (or 'files')")
+            if not isinstance(row["caption"], str):
+                raise ValueError(f"{metadata}:{number}: 'caption' must be a string, got {row['caption']!r}")
+            files = [row["file"]] if "file" in row else row["files"].values() if isinstance(row["files"], dict) else None
+            if files is None:
+                raise ValueError(f"{metadata}:{number}: 'files' must map sizes to paths, got {row['files']!r}")
+            for file in files:
+                _check_inside(root, file, f"{metadata}:{number}")
             rows.append(row)
         return rows
     rows = []
@@ -129,6 +136,17 @@ def read_rows(root: Path) -> list[dict]:
             caption = caption_file.read_text(encoding="utf-8").strip()
             rows.append({"file": path.relative_to(root).as_posix(), "caption": caption})
     return rows
+
+
+def _check_inside(root: Path, file: object, where: str) -> None:
+    """A metadata path must name a file inside the dataset folder: relative, and not climbing out with "..", so a
+    downloaded dataset cannot make training read (and a sample grid show) files elsewhere on the machine."""
+    if not isinstance(file, str) or not file:
+        raise ValueError(f"{where}: a file path must be a non-empty string, got {file!r}")
+    if Path(file).is_absolute():
+        raise ValueError(f"{where}: {file!r} is an absolute path; paths are relative to the dataset folder {root}")
+    if not (root / file).resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{where}: {file!r} points outside the dataset folder {root}")
 
 
 def pick_file(row: dict, transform: ImageTransform) -> str:

@@ -63,9 +63,20 @@ def test_batch_generation_writes_a_manifest_and_resumes(tiny_pipeline_dir, tmp_p
     assert generated_rows == []
     assert "0 new, 6 already done" in capsys.readouterr().out
 
-    # Other settings are other images: they are made again.
-    run(*args[:-4], "--guidance", 3.0, "--out", out, "--model", tiny_pipeline_dir)
+    # Other settings are other images: refused, the earlier ones intact; replaced with --overwrite.
+    with pytest.raises(SystemExit, match="already holds 6 of these images made with another prompt, seed or "
+                                         "settings.*--overwrite"):
+        run(*args[:-4], "--guidance", 3.0, "--out", out, "--model", tiny_pipeline_dir)
+    assert generated_rows == [] and all(
+        np.array_equal(np.asarray(Image.open(out / f"{i:06d}.png")), first[i]) for i in range(6))
+    run(*args[:-4], "--guidance", 3.0, "--out", out, "--model", tiny_pipeline_dir, "--overwrite")
     assert len(generated_rows) == 6
+    # A truncated image is made again on resume, not counted as done.
+    data = (out / "000002.png").read_bytes()
+    (out / "000002.png").write_bytes(data[: len(data) // 2])
+    generated_rows.clear()
+    run(*args[:-4], "--guidance", 3.0, "--out", out, "--model", tiny_pipeline_dir)
+    assert generated_rows == ["a dog"]  # image 2: the second prompt's first
 
 
 def test_single_prompt_without_seed_records_random_seeds(tiny_pipeline_dir, tmp_path):
