@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,23 @@ class TextContext:
             self.bias[rows],
             None if self.inputs is None else self.inputs[rows],
         )
+
+    @staticmethod
+    def cat(contexts: Sequence[TextContext]) -> TextContext:
+        """The contexts' rows one after the other along the batch (same model and text length; `inputs` in all or
+        none of them)."""
+        if not contexts:
+            raise ValueError("cat needs at least one context")
+        if len({len(c.layers) for c in contexts}) > 1 or len({c.bias.shape[-1] for c in contexts}) > 1:
+            raise ValueError("contexts of different models or text lengths cannot be concatenated")
+        if len({c.inputs is None for c in contexts}) > 1:
+            raise ValueError("either all contexts or none must have inputs")
+        layers = tuple(
+            KeyValue(torch.cat([c.layers[i].keys for c in contexts]), torch.cat([c.layers[i].values for c in contexts]))
+            for i in range(len(contexts[0].layers))
+        )
+        inputs = None if contexts[0].inputs is None else torch.cat([c.inputs for c in contexts])
+        return TextContext(layers, torch.cat([c.bias for c in contexts]), inputs)
 
 
 class SelfAttention(nn.Module):
