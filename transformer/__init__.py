@@ -1,1 +1,1 @@
-"""Masked token transformer with text cross-attention, and the text encoder wrapper."""
+"""Masked token transformer with text cross-attention, aMUSEd's U-ViT (uvit.py), and the text encoder wrapper."""

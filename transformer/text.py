@@ -1,8 +1,11 @@
-"""A frozen Hugging Face text encoder: prompts -> per-token hidden states and a padding mask.
+"""A frozen Hugging Face text encoder: prompts -> per-token hidden states, a padding mask and (CLIP) a pooled vector.
 
     encoder = TextEncoder(TextEncoderConfig("google/t5-v1_1-xxl", kind="t5"), device="cuda", dtype=torch.bfloat16)
     text = encoder(["a red apple", "a dog"])         # TextEmbedding: states (2, 77, 4096), mask (2, 77)
     null = encoder.unconditional(2)                   # the empty prompt, for classifier-free guidance
+
+    clip = TextEncoder(TextEncoderConfig("path/to/amused-256", kind="clip"))
+    text = clip(["a red apple"])                      # states (1, 77, 768), mask all True, pooled (1, 768)
 
 Every prompt is padded to `max_length`, so rows from different calls stack, and each row is cached (LRU): a prompt
 seen before, such as the empty prompt used for guidance at every sampling call, is not encoded again. States are
@@ -24,7 +27,15 @@ from urllib.parse import urlparse
 import torch
 from huggingface_hub import constants as hub_constants
 from torch import Tensor
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, T5EncoderModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    CLIPTextModelWithProjection,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    T5EncoderModel,
+)
 
 from transformer.config import TextEncoderConfig
 
@@ -35,6 +46,8 @@ MINILM_ALIAS = "minilm"
 class TextEmbedding:
     states: Tensor  # (B, S, D) per-token hidden states; zero at padding
     mask: Tensor    # (B, S) bool, True = real token
+    # (B, P) one vector per prompt (CLIP's projected text embedding, `text_embeds`), or None for encoders without one
+    pooled: Tensor | None = None
 
 
 class TextEncoder:
@@ -63,12 +76,20 @@ class TextEncoder:
         if self.tokenizer.pad_token is None:
             raise ValueError(f"the tokenizer of {config.name_or_path!r} has no padding token")
         self.model.requires_grad_(False).eval().to(device)
-        self._cache: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+        if config.kind == "clip" and config.max_length > self.model.config.max_position_embeddings:
+            raise ValueError(f"max_length {config.max_length} exceeds the {self.model.config.max_position_embeddings} "
+                             f"positions of the CLIP text encoder {config.name_or_path!r}")
+        self._cache: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor | None]] = OrderedDict()
 
     @property
     def dim(self) -> int:
         """Width D of the states (the transformer's `text_dim`)."""
         return self.model.config.hidden_size
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width P of the pooled vector (the U-ViT's `cond_embed_dim`), or None when the encoder returns none."""
+        return self.model.config.projection_dim if self.config.kind == "clip" else None
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +113,8 @@ class TextEncoder:
         return self([""] * n)
 
     def __call__(self, prompts: list[str]) -> TextEmbedding:
-        """Encode prompts ("" = unconditional) -> states (B, max_length, D) and mask (B, max_length)."""
+        """Encode prompts ("" = unconditional) -> states (B, max_length, D), mask (B, max_length) and, for CLIP,
+        pooled (B, P)."""
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
             raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
         if not prompts:
@@ -102,7 +124,7 @@ class TextEncoder:
                 raise ValueError(f"prompts[{i}] must be a string, got {type(prompt).__name__}")
             check_text(prompt, f"prompts[{i}]")
         identity = self._identity()
-        rows: dict[str, tuple[Tensor, Tensor]] = {}
+        rows: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
         for prompt in dict.fromkeys(prompts):
             cached = self._cache.get((prompt, identity))
             if cached is not None:
@@ -111,18 +133,19 @@ class TextEncoder:
         missing = [p for p in dict.fromkeys(prompts) if p not in rows]
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
-            states, mask = self._encode(chunk)
+            states, mask, pooled = self._encode(chunk)
             for i, prompt in enumerate(chunk):
                 # Clones, so a cached row does not keep its whole batch alive.
-                rows[prompt] = (states[i].clone(), mask[i].clone())
+                rows[prompt] = (states[i].clone(), mask[i].clone(), None if pooled is None else pooled[i].clone())
                 self._remember((prompt, identity), rows[prompt])
         # Stacking outside inference mode makes ordinary tensors, usable in autograd (training) despite the encoder
         # having run under inference_mode.
         states = torch.stack([rows[p][0] for p in prompts])  # (B, S, D)
         mask = torch.stack([rows[p][1] for p in prompts])  # (B, S)
-        return TextEmbedding(states, mask)
+        pooled = None if rows[prompts[0]][2] is None else torch.stack([rows[p][2] for p in prompts])  # (B, P)
+        return TextEmbedding(states, mask, pooled)
 
-    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor | None]:
         self._warn_truncated(prompts)
         batch = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.config.max_length, return_tensors="pt"
@@ -130,9 +153,16 @@ class TextEncoder:
         ids = batch["input_ids"].to(self.device)
         attention = batch["attention_mask"].to(self.device)
         with torch.inference_mode():
+            if self.config.kind == "clip":
+                # As aMUSEd was trained: no attention mask (CLIP's causal mask alone keeps the padding after the end
+                # token from changing the prompt's positions), the penultimate layer's states (before the final
+                # LayerNorm), and the projected end-token state as the pooled vector. The U-ViT's cross-attention
+                # reads every position, padding included, so every position is reported as real.
+                out = self.model(input_ids=ids, output_hidden_states=True)
+                return out.hidden_states[-2], torch.ones_like(ids, dtype=torch.bool), out.text_embeds
             states = self.model(input_ids=ids, attention_mask=attention).last_hidden_state  # (B, S, D)
             mask = attention.bool()  # (B, S)
-            return states.masked_fill(~mask[..., None], 0.0), mask
+            return states.masked_fill(~mask[..., None], 0.0), mask, None
 
     def _warn_truncated(self, prompts: list[str]) -> None:
         """Warn, once per prompt (encoded rows are cached), when a prompt is longer than `max_length` tokens."""
@@ -143,7 +173,7 @@ class TextEncoder:
                 warnings.warn(f"the prompt {shown!r} is {len(ids)} tokens long; the text encoder reads the first "
                               f"{limit}, so {len(ids) - limit} are dropped", stacklevel=4)
 
-    def _remember(self, key: tuple, row: tuple[Tensor, Tensor]) -> None:
+    def _remember(self, key: tuple, row: tuple[Tensor, Tensor, Tensor | None]) -> None:
         if self.cache_size == 0:
             return
         self._cache[key] = row
@@ -201,17 +231,37 @@ def _resolve(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, False
 
 
+def _local_sources(directory: Path) -> tuple[str, str]:
+    """The (model, tokenizer) directories of a local Hugging Face model directory, or of a diffusers pipeline
+    directory (`text_encoder/` and `tokenizer/` folders, as in an aMUSEd download)."""
+    if (directory / "config.json").is_file():
+        return str(directory), str(directory)
+    if (directory / "text_encoder" / "config.json").is_file():
+        if not (directory / "tokenizer").is_dir():
+            raise FileNotFoundError(f"{directory} has a text_encoder/ folder but no tokenizer/ folder")
+        return str(directory / "text_encoder"), str(directory / "tokenizer")
+    raise FileNotFoundError(f"{directory} is not a Hugging Face model directory: it has no config.json "
+                            "(nor text_encoder/config.json)")
+
+
 def _load(source: str, kind: str, dtype: torch.dtype, local: bool) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    model_source, tokenizer_source = _local_sources(Path(source)) if local else (source, source)
+
     def load(local_files_only: bool):
-        if kind == "auto" and AutoConfig.from_pretrained(source, local_files_only=local_files_only).is_encoder_decoder:
+        if kind == "auto" and AutoConfig.from_pretrained(
+                model_source, local_files_only=local_files_only).is_encoder_decoder:
             raise ValueError(f"{source} is an encoder-decoder model; use kind='t5' to load its encoder")
-        model_cls = T5EncoderModel if kind == "t5" else AutoModel
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-        return tokenizer, model_cls.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+        model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModelWithProjection}.get(kind, AutoModel)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, local_files_only=local_files_only)
+        model, info = model_cls.from_pretrained(model_source, dtype=dtype, local_files_only=local_files_only,
+                                                output_loading_info=True)
+        if kind == "clip" and info["missing_keys"]:
+            # A CLIPTextModel checkpoint has no text_projection: it would be initialised at random, silently.
+            missing = sorted(info["missing_keys"])[:5]
+            raise ValueError(f"{source} lacks weights of CLIPTextModelWithProjection: {missing}")
+        return tokenizer, model
 
     if local:
-        if not (Path(source) / "config.json").is_file():
-            raise FileNotFoundError(f"{source} is not a Hugging Face model directory: it has no config.json")
         try:
             with quiet_transformers():
                 return load(local_files_only=True)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from transformer.config import TransformerConfig
-from transformer.model import MaskedTransformer
+from transformer.model import MaskedTransformer, TextContext
 
 CFG = TransformerConfig(codebook_size=16, grid_size=4, width=32, depth=2, num_heads=4, text_dim=24)
 
@@ -118,6 +118,20 @@ def test_a_row_does_not_depend_on_its_batch():
     batch = model(tokens, model.text_context(states, mask))
     alone = model(tokens[2:3], model.text_context(states[2:3], mask[2:3]))
     assert torch.allclose(alone[0], batch[2], atol=1e-5)
+
+
+@torch.no_grad()
+def test_context_cat_undoes_select():
+    model = make_model()
+    states, mask = make_text(3)
+    context = model.text_context(states, mask)
+    joined = TextContext.cat([context.select(slice(0, 1)), context.select(torch.tensor([2, 1]))])
+    assert joined.batch_size == 3
+    tokens = make_tokens(3)
+    assert torch.equal(model(tokens, joined), model(tokens, context.select(torch.tensor([0, 2, 1]))))
+    short = model.text_context(states[:1, :3], mask[:1, :3])
+    with pytest.raises(ValueError, match="different models or text lengths"):
+        TextContext.cat([context, short])
 
 
 def test_overfits_four_grids_under_masking():

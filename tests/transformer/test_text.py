@@ -2,6 +2,7 @@ import pytest
 import torch
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
+from tests.amused_fixture import tiny_clip_text_encoder, tiny_clip_tokenizer, write_clip
 from transformer.config import TextEncoderConfig
 from transformer.text import TextEncoder
 
@@ -136,3 +137,75 @@ def test_uncached_hub_names_fail_fast_offline(monkeypatch):
     monkeypatch.setattr("transformer.text._hub_reachable", lambda: False)
     with pytest.raises(OSError, match="the hub cannot be reached"):
         TextEncoder(TextEncoderConfig("nobody/no-such-encoder", kind="t5"))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return write_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+def load_clip(path, **options) -> TextEncoder:
+    return TextEncoder(TextEncoderConfig(str(path), kind="clip"), **options)
+
+
+def test_clip_gives_amused_conditioning_penultimate_states_pooled_projection_no_mask(clip_dir):
+    encoder = load_clip(clip_dir)
+    assert (encoder.dim, encoder.pooled_dim) == (32, 16)
+    prompts = ["a red apple", "", "a dog"]
+    text = encoder(prompts)
+    assert text.states.shape == (3, 77, 32) and text.pooled.shape == (3, 16)
+    assert text.mask.all()  # aMUSEd's cross-attention reads all 77 positions: none is reported as padding
+    # What AmusedPipeline computes: padded to max_length, no attention mask, hidden_states[-2] and text_embeds.
+    batch = encoder.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    ids = batch.input_ids
+    with torch.no_grad():
+        reference = encoder.model(ids, return_dict=True, output_hidden_states=True)
+    assert torch.equal(text.states, reference.hidden_states[-2])
+    assert torch.equal(text.pooled, reference.text_embeds)
+    assert not torch.allclose(text.states, reference.last_hidden_state, atol=1e-3)  # not the last layer
+    # the causal CLIP makes a row independent of the padding of its batch, so cached rows are the same rows
+    encoder.clear_cache()
+    alone = encoder(["a dog"])
+    assert torch.allclose(alone.states[0], text.states[2], atol=1e-5)
+    assert torch.allclose(alone.pooled[0], text.pooled[2], atol=1e-5)
+
+
+def test_clip_cache_serves_pooled_vectors_too(clip_dir):
+    encoder = load_clip(clip_dir)
+    runs = count_encoder_runs(encoder)
+    first = encoder(["cat", "dog"])
+    again = encoder(["dog", "cat", "dog"])
+    assert runs == [2]
+    assert torch.equal(again.pooled, first.pooled[[1, 0, 1]]) and torch.equal(again.states, first.states[[1, 0, 1]])
+    null = encoder.unconditional(2)
+    assert null.pooled.shape == (2, 16) and torch.equal(null.pooled[0], null.pooled[1])
+
+
+def test_encoders_without_a_pooled_vector_return_none(t5_dir):
+    encoder = load_t5(t5_dir)
+    assert encoder.pooled_dim is None and encoder(["cat"]).pooled is None
+
+
+def test_clip_loads_from_a_diffusers_pipeline_layout(tmp_path, clip_dir):
+    # text_encoder/ and tokenizer/ side by side, as in an aMUSEd download
+    tokenizer = tiny_clip_tokenizer()
+    tiny_clip_text_encoder(tokenizer).save_pretrained(tmp_path / "pipe" / "text_encoder")
+    tokenizer.save_pretrained(tmp_path / "pipe" / "tokenizer")
+    text = load_clip(tmp_path / "pipe")(["a red apple"])
+    same = load_clip(clip_dir)(["a red apple"])  # the same seed, saved in one directory
+    assert torch.equal(text.states, same.states) and torch.equal(text.pooled, same.pooled)
+    (tmp_path / "half" / "text_encoder").mkdir(parents=True)
+    (tmp_path / "pipe" / "text_encoder" / "config.json").rename(tmp_path / "half" / "text_encoder" / "config.json")
+    with pytest.raises(FileNotFoundError, match="has a text_encoder/ folder but no tokenizer/ folder"):
+        load_clip(tmp_path / "half")
+
+
+def test_clip_without_projection_weights_or_too_long_is_refused(tmp_path, clip_dir):
+    from transformers import CLIPTextModel
+
+    CLIPTextModel.from_pretrained(clip_dir).save_pretrained(tmp_path / "no-projection")
+    tiny_clip_tokenizer().save_pretrained(tmp_path / "no-projection")
+    with pytest.raises(ValueError, match="lacks weights of CLIPTextModelWithProjection: .*text_projection"):
+        load_clip(tmp_path / "no-projection")
+    with pytest.raises(ValueError, match="max_length 78 exceeds the 77 positions"):
+        TextEncoder(TextEncoderConfig(str(clip_dir), kind="clip", max_length=78))
