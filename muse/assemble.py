@@ -96,22 +96,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a pipeline already at --out")
 
 
-def write_fresh(pipe: MusePipeline, out: Path, dtype: torch.dtype, overwrite: bool) -> None:
-    """Save `pipe` into a new folder beside `out` and swap it in, so nothing of an earlier pipeline there (its
-    scorer/, its superres/) survives into the new one, and an interrupted save leaves the old one whole."""
-    if out.exists() and any(out.iterdir()):
+def write_fresh(pipe: MusePipeline, out: Path, dtype: torch.dtype | None, overwrite: bool, command: str) -> None:
+    """Save `pipe` as the pipeline directory `out` (a fresh folder, swapped in: see `save_pretrained`); an existing
+    pipeline there is replaced only with `overwrite`, and anything else there never."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not (out / "pipeline.json").is_file():
-            raise SystemExit(f"muse assemble: --out {out} exists and is not a pipeline directory; give a new folder")
+            raise SystemExit(f"muse {command}: --out {out} exists and is not a pipeline directory; give a new folder")
         if not overwrite:
-            raise SystemExit(f"muse assemble: --out {out} holds a pipeline already; use --overwrite to replace it")
-    fresh = out.with_name(f".{out.name}.new-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(fresh, ignore_errors=True)
-    pipe.save_pretrained(fresh, dtype)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(fresh, out)
-    shutil.rmtree(old, ignore_errors=True)
+            raise SystemExit(f"muse {command}: --out {out} holds a pipeline already; use --overwrite to replace it")
+    try:
+        pipe.save_pretrained(out, dtype)
+    except OSError as e:
+        raise SystemExit(f"muse {command}: cannot write {out}: {e}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -126,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
             pipe.scorer = PromptScorer.load(args.scorer)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"muse assemble: {e}") from None
-    write_fresh(pipe, args.out, getattr(torch, args.weights_dtype), args.overwrite)
+    write_fresh(pipe, args.out, getattr(torch, args.weights_dtype), args.overwrite, "assemble")
     stages = "base + super-res" if pipe.superres is not None else "base only"
     if pipe.superres is not None and config.sampling.stages == 1:
         stages += ", base only unless a call asks for stages=2"

@@ -105,6 +105,20 @@ class SamplingOptions:
         )
 
 
+def amused_options() -> SamplingOptions:
+    """The `amused` preset: diffusers' AmusedPipeline and AmusedScheduler defaults, in our terms. 12 steps, guidance
+    10, the cosine schedule, tokens drawn from the plain softmax, and the commit noise AmusedScheduler anneals from
+    2 to 0 over the steps: its temperature at step i is 2 (T - 1 - i) / (T - 1), ours is choice_temperature
+    (T - 1 - i) / T, the same for choice_temperature = 2 T / (T - 1). (The preset is for 12 steps; with others, the
+    ramp starts a little above or below 2.)"""
+    steps = 12
+    return SamplingOptions(num_steps=steps, guidance_scale=10.0, guidance_schedule="constant", temperature=1.0,
+                           choice_temperature=2.0 * steps / (steps - 1), mask_schedule="cosine", num_candidates=1)
+
+
+PRESETS = {"muse": SamplingOptions, "amused": amused_options}  # name -> the options it stands for
+
+
 @dataclass(frozen=True)
 class Limits:
     """The most one call may ask for, checked before any work starts; `PipelineConfig.limits` holds a pipeline's,

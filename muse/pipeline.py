@@ -48,7 +48,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from muse import bundled
 from muse.bundled import DEFAULT_PRESET, PIPELINE_FILE, bundled_presets
+from muse.components import ROLES, kind_of, load_component, parse_components
 from muse.data.images import to_rgb
 from muse.engine import Engine, Event, Job, Task, TaskHandle, TaskSteps, forward_rows, rows_per_forward, split_rows
 from muse.options import Limits, SamplingOptions, option_names
@@ -76,8 +77,12 @@ from superres.model import SuperResTransformer
 from transformer.config import TextEncoderConfig
 from transformer.model import MaskedTransformer, TextContext
 from transformer.saving import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_config, read_weights
-from transformer.text import MINILM_ALIAS, TextEmbedding, TextEncoder, check_text
+from transformer.text import MINILM_ALIAS, TextEmbedding, TextEncoder, check_text, quiet_transformers
 from vqgan.model import VQGAN
+
+if TYPE_CHECKING:  # the second architecture's classes load through muse.components, when a pipeline uses them
+    from transformer.uvit import UVit2D
+    from vqgan.vqmodel import VQModel
 
 TEXT_ENCODER_FILE = "text_encoder.json"
 TEXT_ENCODER_DIR = "text_encoder"  # a local text encoder is copied here so the saved pipeline is self-contained
@@ -92,6 +97,9 @@ MaskInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike, Sequence]
 # Best-of-N: (images, prompts) -> (B,) scores, higher is better. `muse.scorer.PromptScorer` is one.
 Scorer = Callable[[list[Image.Image], list[str]], Tensor]
 SCORER_DIR = "scorer"  # a PromptScorer saved here inside a pipeline directory is the default best-of-N scorer
+AMUSED_INDEX = "model_index.json"  # marks a diffusers pipeline directory
+AMUSED_PIPELINES = ("AmusedPipeline", "AmusedInpaintPipeline", "AmusedImg2ImgPipeline")
+AMUSED_TEXT_LENGTH = 77  # CLIP's context, which aMUSEd pads every prompt to
 
 
 @dataclass(frozen=True)
@@ -192,11 +200,11 @@ class MusePipeline:
 
     def __init__(
         self,
-        vqgan: VQGAN,
+        vqgan: VQGAN | VQModel,
         text_encoder: TextEncoder,
-        transformer: MaskedTransformer,
+        transformer: MaskedTransformer | UVit2D,
         superres: SuperResTransformer | None = None,
-        superres_vqgan: VQGAN | None = None,
+        superres_vqgan: VQGAN | VQModel | None = None,
         config: PipelineConfig | None = None,
         scorer: Scorer | None = None,
     ) -> None:
@@ -221,6 +229,10 @@ class MusePipeline:
         if t.text_dim != self.text_encoder.dim:
             raise ValueError(f"the transformer expects text states of width {t.text_dim}, the text encoder gives "
                              f"{self.text_encoder.dim}")
+        pooled = getattr(t, "pooled_dim", None)  # architectures conditioned on a pooled text vector too (aMUSEd)
+        if pooled is not None and pooled != getattr(self.text_encoder, "pooled_dim", None):
+            raise ValueError(f"the transformer expects a pooled text vector of width {pooled}, the text encoder "
+                             f"gives {getattr(self.text_encoder, 'pooled_dim', None)}")
         if self.superres is None:
             if self.superres_vqgan is not None:
                 raise ValueError("superres_vqgan was given without a superres model")
@@ -328,14 +340,18 @@ class MusePipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None) -> MusePipeline:
-        """Load a directory written by `save_pretrained`, or a model bundled with the package by its preset name;
+        """Load a pipeline: a directory written by `save_pretrained`, a diffusers aMUSEd directory (one with
+        `model_index.json`, such as a download of amused/amused-256), a Hugging Face hub id of one (downloaded into
+        the hub cache when online, read from it offline), or a model bundled with the package by its preset name;
         None is the bundled default model.
 
-        Raises FileNotFoundError for an unknown path or preset or a missing component, and ValueError for a corrupt
-        component, naming it.
+        Raises FileNotFoundError for an unknown path or preset or a missing component, ValueError for a corrupt
+        component, naming it, and OSError for a hub id that cannot be had (offline and not in the cache).
         """
         path = _resolve_model(path)
         manifest_file = path / PIPELINE_FILE
+        if not manifest_file.is_file() and (path / AMUSED_INDEX).is_file():
+            return cls._from_diffusers(path)
         if not manifest_file.is_file():
             raise FileNotFoundError(f"{path} is not a saved MusePipeline: {PIPELINE_FILE} not found")
         try:
@@ -345,21 +361,12 @@ class MusePipeline:
         if not isinstance(manifest, dict) or set(manifest) != {"components", "config"}:
             raise ValueError(f"{manifest_file} must be a JSON object with exactly the keys 'components' and 'config'")
         config = PipelineConfig.from_dict(manifest["config"], where=str(manifest_file))
-        components = manifest["components"]
-        known = ("vqgan", "transformer", "superres", "superres_vqgan")
-        if not isinstance(components, list) or not {"vqgan", "transformer"} <= set(components) <= set(known):
-            raise ValueError(f"{manifest_file}: 'components' must list vqgan, transformer and optionally superres and "
-                             f"superres_vqgan, got {components!r}")
-
-        vqgan = _load_component("vqgan", path, VQGAN.from_pretrained)
-        transformer = _load_component("transformer", path, MaskedTransformer.from_pretrained)
-        superres = superres_vqgan = None
-        if "superres" in components:
-            superres = _load_component("superres", path, SuperResTransformer.from_pretrained)
-        if "superres_vqgan" in components:
-            superres_vqgan = _load_component("superres_vqgan", path, VQGAN.from_pretrained)
+        kinds = parse_components(manifest["components"], str(manifest_file))
+        loaded = {role: _load_component(role, path, lambda where, kind=kind: load_component(kind, where))
+                  for role, kind in kinds.items()}
         text_encoder = _load_component("text_encoder", path, _load_text_encoder)
-        pipe = cls(vqgan, text_encoder, transformer, superres, superres_vqgan, config)
+        pipe = cls(loaded["vqgan"], text_encoder, loaded["transformer"], loaded.get("superres"),
+                   loaded.get("superres_vqgan"), config)
         if (path / SCORER_DIR).is_dir():
             # Its towers load on first use, but its own files are checked now: a damaged scorer must stop the load,
             # not fail the first best-of-N request.
@@ -367,42 +374,84 @@ class MusePipeline:
             pipe._scorer_dir = path / SCORER_DIR
         return pipe
 
+    @classmethod
+    def _from_diffusers(cls, path: Path) -> MusePipeline:
+        """A diffusers aMUSEd directory, read without diffusers: transformer/ (UVit2DModel), vqvae/ (VQModel),
+        text_encoder/ + tokenizer/ (CLIPTextModelWithProjection), scheduler/ (its mask token and schedule). Sampling
+        defaults: the `amused` preset, AmusedScheduler's own. The weights' licence is the model's (aMUSEd:
+        OpenRAIL++-M, on its model card); musegen redistributes none of them."""
+        from muse.options import amused_options
+
+        index_file = path / AMUSED_INDEX
+        try:
+            index = json.loads(index_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index_file} is not valid JSON: {e}") from None
+        kind = index.get("_class_name") if isinstance(index, dict) else None
+        if kind not in AMUSED_PIPELINES:
+            raise ValueError(f"{index_file}: _class_name is {kind!r}; musegen reads {', '.join(AMUSED_PIPELINES)}")
+        transformer = _load_component("transformer", path, lambda where: load_component("uvit2d", where))
+        vqgan = _load_component("vqvae", path, lambda where: load_component("vqmodel", where))
+        text_encoder = _load_component("text_encoder", path, lambda where: TextEncoder(
+            TextEncoderConfig(str(path), kind="clip", max_length=AMUSED_TEXT_LENGTH)))
+        scheduler_file = path / "scheduler" / "scheduler_config.json"
+        schedule = "cosine"
+        if scheduler_file.is_file():
+            scheduler = json.loads(scheduler_file.read_text())
+            if scheduler.get("mask_token_id", transformer.config.mask_token_id) != transformer.config.mask_token_id:
+                raise ValueError(f"{scheduler_file}: mask_token_id {scheduler['mask_token_id']} is not the "
+                                 f"transformer's last vocabulary id {transformer.config.mask_token_id}")
+            schedule = scheduler.get("masking_schedule", schedule)
+        config = PipelineConfig(sampling=dataclasses.replace(amused_options(), mask_schedule=schedule))
+        return cls(vqgan, text_encoder, transformer, config=config)
+
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write one directory per component, text_encoder.json, `scorer/` when the default scorer is a saved or
-        savable PromptScorer, and pipeline.json (last, so an interrupted save is never mistaken for a complete one).
+        savable PromptScorer, and pipeline.json (last, so an interrupted save is never mistaken for a complete one),
+        which names each component's kind (`muse.components`).
 
         Weights are stored as the components hold them, or cast to `dtype` (torch.float16 halves a float32 model on
         disk; loading casts back). Under `config.precision` "auto" on a CPU with fast bfloat16 the token models hold
-        bfloat16 weights -- what runs is what is saved."""
+        bfloat16 weights -- what runs is what is saved.
+
+        The pipeline is written into a new folder beside `path` and swapped in at the end: nothing of what was at
+        `path` before (another pipeline's scorer/ or superres/) survives into it, and an interrupted save leaves the
+        old one whole."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        components = ["vqgan", "transformer"]
-        self.vqgan.save_pretrained(path / "vqgan", dtype)
-        self.transformer.save_pretrained(path / "transformer", dtype)
-        if self.superres is not None:
-            components.append("superres")
-            self.superres.save_pretrained(path / "superres", dtype)
-        if self.superres_vqgan is not None:
-            components.append("superres_vqgan")
-            self.superres_vqgan.save_pretrained(path / "superres_vqgan", dtype)
+        fresh = path.with_name(f".{path.name}.new-{os.getpid()}")
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        shutil.rmtree(fresh, ignore_errors=True)
+        self._write(fresh, dtype, source=path)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(fresh, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _write(self, path: Path, dtype: torch.dtype | None, source: Path) -> None:
+        """save_pretrained's work, into the empty folder `path`; `source` is where the pipeline is being saved to
+        (files already there, such as a copied text encoder, are read from it)."""
+        path.mkdir(parents=True)
+        components = {}
+        for role in ROLES:
+            module = getattr(self, role)
+            if module is not None:
+                module.save_pretrained(path / role, dtype)
+                components[role] = kind_of(module)
 
         text_config = self.text_encoder.config
         if text_config.name_or_path != MINILM_ALIAS and Path(self.text_encoder.source).is_dir():
             # A local model would not exist on another machine: ship a copy and point at it (relative to `path`).
-            target = path / TEXT_ENCODER_DIR
-            if target.resolve() != Path(self.text_encoder.source).resolve():
-                self.text_encoder.model.save_pretrained(target)
-                self.text_encoder.tokenizer.save_pretrained(target)
+            with quiet_transformers():
+                self.text_encoder.model.save_pretrained(path / TEXT_ENCODER_DIR)
+                self.text_encoder.tokenizer.save_pretrained(path / TEXT_ENCODER_DIR)
             text_config = dataclasses.replace(text_config, name_or_path=TEXT_ENCODER_DIR)
         _write_json(path / TEXT_ENCODER_FILE, dataclasses.asdict(text_config))
         target = path / SCORER_DIR
         if self._scorer_dir is not None:
             # Not loaded yet: copy its two files rather than load its towers just to write them back.
-            if self._scorer_dir.resolve() != target.resolve():
-                target.mkdir(exist_ok=True)
-                for name in (CONFIG_NAME, WEIGHTS_NAME):
-                    shutil.copyfile(self._scorer_dir / name, target / (name + ".tmp"))
-                    os.replace(target / (name + ".tmp"), target / name)
+            target.mkdir()
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                shutil.copyfile(self._scorer_dir / name, target / name)
         elif hasattr(self._scorer, "save"):
             self._scorer.save(target)
         # A scorer that is a plain function is the caller's code, not a component: nothing to save.
@@ -754,7 +803,7 @@ class MusePipeline:
 
         mask_id = self.transformer.config.mask_token_id
         text = self._text(call)
-        context = self.transformer.text_context(text.states, text.mask)
+        context = self.transformer.text_context(text.states, text.mask, text.pooled)
         changed = torch.zeros_like(low, dtype=torch.bool)
         for iteration in range(iterations):
             seeds = _substream(call.seeds, 0, iteration, 0)
@@ -872,7 +921,8 @@ class MusePipeline:
         Returns (low, high, mean log-probability (B,) of the decoded tokens): each stage's mean, averaged over the
         stages, so that the super-res stage's many more tokens do not drown the base stage that sets the layout."""
         text = self._text(call)
-        low, log_prob = yield from self._fill(low, call, self.transformer.text_context(text.states, text.mask))
+        context = self.transformer.text_context(text.states, text.mask, text.pooled)
+        low, log_prob = yield from self._fill(low, call, context)
         if high is not None:
             high, high_log_prob = yield from self._superres_fill(high, low, text, call)
             log_prob = (log_prob + high_log_prob) / 2
@@ -1265,7 +1315,8 @@ def _to_pil(pixels: Tensor) -> list[Image.Image]:
 
 
 def _resolve_model(path: str | os.PathLike | None) -> Path:
-    """The pipeline directory that `path` names: an existing directory, else a bundled preset name."""
+    """The pipeline directory that `path` names: an existing directory, a bundled preset name, or a Hugging Face hub
+    id ("org/name") of an aMUSEd pipeline, fetched into the hub cache."""
     if path is None:
         if DEFAULT_PRESET not in bundled_presets():
             raise FileNotFoundError(
@@ -1279,9 +1330,42 @@ def _resolve_model(path: str | os.PathLike | None) -> Path:
         return directory
     if isinstance(path, str) and path in bundled_presets():
         return bundled.ASSETS / path
+    if isinstance(path, str) and _looks_like_hub_id(path):
+        return _hub_download(path)
     presets = bundled_presets()
     known = f"; bundled presets: {', '.join(presets)}" if presets else ""
     raise FileNotFoundError(f"no pipeline directory or bundled preset named {os.fspath(path)!r}{known}")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """"org/name" with no path-like parts: what the hub calls a repository, and no directory here."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+# What an aMUSEd download needs (the fp16 variants, the 512 px assets and the images of its model card are left out).
+HUB_FILES = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
+             "transformer/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors",
+             "text_encoder/model.safetensors"]
+
+
+def _hub_download(repo_id: str) -> Path:
+    """The local snapshot of a hub repository: the cache first (so an offline machine never waits on the network),
+    else a download. OSError, saying what to do, when neither works."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise OSError(f"{repo_id!r} is neither a local directory nor in the Hugging Face cache, and downloading it "
+                      f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). With internet, run "
+                      f"it once to cache it (or `huggingface-cli download {repo_id}`); offline, copy a download and "
+                      "pass its directory") from None
 
 
 def _load_component(name: str, path: Path, load: Callable[[Path], object]):

@@ -294,9 +294,10 @@ class MaskedTransformer(nn.Module):
             layers.append(KeyValue(kv.keys, kv.values * keep))
         return TextContext(tuple(layers), bias)
 
-    def text_context(self, text_states: Tensor, text_mask: Tensor) -> TextContext:
+    def text_context(self, text_states: Tensor, text_mask: Tensor, pooled: Tensor | None = None) -> TextContext:
         """Cross-attention keys/values of every layer from (B, S, text_dim) states and a (B, S) bool mask (True =
-        real token). Compute once per batch of prompts and pass to every `forward` (gradients flow when training)."""
+        real token). Compute once per batch of prompts and pass to every `forward` (gradients flow when training).
+        `pooled`, a text encoder's pooled vector, is not used by this architecture (see `transformer.uvit`)."""
         return self.memory_context(self.project_text(text_states), text_mask)
 
     def forward(

@@ -125,6 +125,16 @@ class UVit2DConfig:
         return self.sample_size
 
     @property
+    def text_dim(self) -> int:
+        """Width of the text states it reads (the component interface's name for encoder_hidden_size)."""
+        return self.encoder_hidden_size
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled text vector it needs (cond_embed_dim)."""
+        return self.cond_embed_dim
+
+    @property
     def num_micro_conds(self) -> int:
         return self.micro_cond_embed_dim // self.micro_cond_encode_dim
 
@@ -691,10 +701,11 @@ class UVit2D(nn.Module):
             x = gather_rows(x, positions)  # (B, M, C)
         return self.mlm_layer(x)  # (B, L | M, K)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write diffusers' component layout into the directory `path`: config.json and
-        diffusion_pytorch_model.safetensors, which diffusers' `UVit2DModel.from_pretrained` reads too."""
-        save_diffusers_component(path, self.config.to_diffusers_json(), self)
+        diffusion_pytorch_model.safetensors (floating-point weights in `dtype` when given), which diffusers'
+        `UVit2DModel.from_pretrained` reads too."""
+        save_diffusers_component(path, self.config.to_diffusers_json(), self, dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> UVit2D:
@@ -744,11 +755,13 @@ def load_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None
     model.load_state_dict(state, strict=True)
 
 
-def save_diffusers_component(path: str | os.PathLike, config: dict[str, Any], model: nn.Module) -> None:
+def save_diffusers_component(path: str | os.PathLike, config: dict[str, Any], model: nn.Module,
+                             dtype: torch.dtype | None = None) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     # safetensors refuses views that share storage, so store plain contiguous copies on the CPU.
-    state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    state = {name: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().to("cpu").contiguous()
+             for name, t in model.state_dict().items()}
     # Each file through a temporary name and a rename, so a crash never leaves a half-written file under the real one.
     weights_tmp = path / (WEIGHTS_NAME + ".tmp")
     save_file(state, str(weights_tmp))

@@ -352,12 +352,14 @@ class VQModel(nn.Module):
         images = self.decoder(self.post_quant_conv(codes))  # (B, 3, H, W), about [0, 1]
         return (images * 2 - 1).clamp(-1.0, 1.0)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write diffusers' component layout into the directory `path`: config.json and
-        diffusion_pytorch_model.safetensors, which diffusers' `VQModel.from_pretrained` reads too."""
+        diffusion_pytorch_model.safetensors (floating-point weights in `dtype` when given), which diffusers'
+        `VQModel.from_pretrained` reads too."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
+        state = {name: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().to("cpu")
+                 .contiguous() for name, t in self.state_dict().items()}
         # Each file through a temporary name and a rename, so a crash never leaves a half-written file.
         weights_tmp = path / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(weights_tmp))
