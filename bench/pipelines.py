@@ -22,14 +22,16 @@ from transformer.text import TextEmbedding
 
 class RandomTextEncoder:
     """A fixed random (S, D) state per prompt, all S tokens real; the empty prompt has one real token (the
-    end-of-sequence token of a padded encoder) -- the costliest text for cross-attention, and its cheapest branch."""
+    end-of-sequence token of a padded encoder) -- the costliest text for cross-attention, and its cheapest branch.
+    With `pooled_dim`, also a pooled (P,) vector per prompt and every position real, as aMUSEd's CLIP encoder gives."""
 
-    def __init__(self, dim: int, length: int, seed: int = 0) -> None:
+    def __init__(self, dim: int, length: int, seed: int = 0, pooled_dim: int | None = None) -> None:
         self.dim = dim
         self.length = length
-        self.config = TextEncoderConfig("random", kind="auto", max_length=length)
+        self.pooled_dim = pooled_dim
+        self.config = TextEncoderConfig("random", kind="clip" if pooled_dim else "auto", max_length=length)
         self._seed = seed
-        self._rows: dict[str, tuple[Tensor, Tensor]] = {}
+        self._rows: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
 
     def to(self, device=None, dtype=None) -> RandomTextEncoder:
         return self
@@ -39,11 +41,13 @@ class RandomTextEncoder:
             if prompt not in self._rows:
                 g = torch.Generator().manual_seed(self._seed + len(self._rows))
                 mask = torch.ones(self.length, dtype=torch.bool)
-                if prompt == "":
+                if prompt == "" and self.pooled_dim is None:
                     mask[1:] = False
-                self._rows[prompt] = (torch.randn(self.length, self.dim, generator=g), mask)
-        return TextEmbedding(torch.stack([self._rows[p][0] for p in prompts]),
-                             torch.stack([self._rows[p][1] for p in prompts]))
+                pooled = None if self.pooled_dim is None else torch.randn(self.pooled_dim, generator=g)
+                self._rows[prompt] = (torch.randn(self.length, self.dim, generator=g), mask, pooled)
+        rows = [self._rows[p] for p in prompts]
+        pooled = None if self.pooled_dim is None else torch.stack([r[2] for r in rows])
+        return TextEmbedding(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), pooled)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class TokensOnlyVQ(nn.Module):
     def __init__(self, codebook_size: int, downsample_factor: int = 16) -> None:
         super().__init__()
         self.config = _VQConfig(codebook_size, downsample_factor)
+
+    def save_pretrained(self, path, dtype=None) -> None:
+        raise NotImplementedError("a benchmark stand-in is not saved")
         self.anchor = nn.Parameter(torch.zeros(1))  # so that the pipeline can ask its device
 
     def decode(self, ids: Tensor) -> Tensor:
@@ -67,6 +74,7 @@ class TokensOnlyVQ(nn.Module):
 def bench_pipeline(transformer: nn.Module, superres: nn.Module | None = None, *, text_length: int,
                    config: PipelineConfig | None = None) -> MusePipeline:
     """A pipeline of these token models with the stand-in text encoder and VQ."""
-    text = RandomTextEncoder(transformer.config.text_dim, text_length)
+    text = RandomTextEncoder(transformer.config.text_dim, text_length,
+                             pooled_dim=getattr(transformer.config, "pooled_dim", None))
     vq = TokensOnlyVQ(transformer.config.codebook_size)
     return MusePipeline(vq, text, transformer, superres=superres, config=config)

@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -399,6 +400,87 @@ def library_versions() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# aMUSEd on identical weights
+
+
+# UVit2DModel's defaults are amused-256's architecture (1024 wide, 22 layers, 768-wide ConvNeXt stages, 8192 codes,
+# CLIP-L text of 77 tokens), but for the grid: a 256 px image through the stride-16 VQ is 16 x 16 tokens.
+AMUSED_256 = {"sample_size": 16}
+AMUSED_TEXT = (77, 768, 768)  # text length, CLIP-L state width, pooled width
+
+
+def amused_comparison(batches: tuple[int, ...], reps: int, num_steps: int, guidance_scale: float, log) -> dict:
+    """musegen's pipeline vs diffusers' AmusedPipeline, both on ONE random amused-256 state dict, at the same steps
+    and guidance, fp32, same precomputed text in; and the logits of one forward compared at full size."""
+    from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel
+
+    from muse.options import amused_options
+    from muse.pipeline import PipelineConfig
+    from transformer.uvit import UVit2D, UVit2DConfig
+
+    torch.manual_seed(0)
+    reference = UVit2DModel(**AMUSED_256).eval()
+    config = UVit2DConfig.from_diffusers_json(dict(reference.config))
+    ours = UVit2D(config).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)  # the same weights, bit for bit
+    params = sum(p.numel() for p in ours.parameters())
+    log(f"amused-256 shapes: {params / 1e6:.0f}M parameters, {config.grid_size}x{config.grid_size} tokens")
+    sampling = dataclasses.replace(amused_options(), num_steps=num_steps, guidance_scale=guidance_scale)
+    pipe = bench_pipeline(ours, text_length=AMUSED_TEXT[0], config=PipelineConfig(sampling=sampling))
+    scheduler = AmusedScheduler(mask_token_id=config.mask_token_id)
+    theirs = AmusedPipeline(vqvae=None, tokenizer=None, text_encoder=None, transformer=reference, scheduler=scheduler)
+    theirs.set_progress_bar_config(disable=True)
+    prompts = [f"prompt {i}" for i in range(max(batches))]
+    text, null = pipe.text_encoder(prompts), pipe.text_encoder([""])
+
+    # Parity at full size: one forward of each on the same grid and text.
+    with torch.inference_mode():
+        tokens = torch.randint(0, config.codebook_size, (1, config.grid_size ** 2))
+        tokens[:, ::3] = config.mask_token_id
+        micro = torch.tensor([[256.0, 256.0, 0.0, 0.0, 6.0]])
+        expected = reference(tokens.view(1, config.grid_size, config.grid_size), micro_conds=micro,
+                             pooled_text_emb=text.pooled[:1], encoder_hidden_states=text.states[:1])
+        got = ours(tokens, ours.text_context(text.states[:1], text.mask[:1], text.pooled[:1]))
+        expected = expected.flatten(2).transpose(1, 2)
+        parity = {"max_abs_diff": float((got - expected).abs().max()), "max_abs_logit": float(expected.abs().max())}
+    log(f"logits parity at full size: max |ours - diffusers| = {parity['max_abs_diff']:.2e} "
+        f"(max |logit| {parity['max_abs_logit']:.1f})")
+
+    def run_ours(batch: int) -> Tensor:
+        return pipe(prompts[:batch], seed=list(range(batch))).tokens
+
+    def run_theirs(batch: int) -> Tensor:
+        pixels = config.grid_size * theirs.vae_scale_factor  # without a VQ it assumes a stride of 8
+        return theirs(prompt_embeds=text.pooled[:batch], encoder_hidden_states=text.states[:batch],
+                      negative_prompt_embeds=null.pooled.expand(batch, -1),
+                      negative_encoder_hidden_states=null.states.expand(batch, -1, -1),
+                      guidance_scale=guidance_scale, num_inference_steps=num_steps, height=pixels, width=pixels,
+                      output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    results = []
+    for batch in batches:
+        run_ours(batch), run_theirs(batch)  # warm-up
+        seconds = {OURS: [], DIFFUSERS: []}
+        for rep in range(reps):  # interleaved, the order alternating
+            order = [(OURS, run_ours), (DIFFUSERS, run_theirs)]
+            for name, run in order if rep % 2 == 0 else order[::-1]:
+                start = time.perf_counter()
+                out = run(batch)
+                seconds[name].append(time.perf_counter() - start)
+                if not bool((out.reshape(batch, -1) < config.codebook_size).all()):
+                    raise RuntimeError(f"{name} left mask tokens in its output")
+        rate = {name: batch / statistics.median(times) for name, times in seconds.items()}
+        log(f"  amused-256 batch={batch}: musegen {rate[OURS]:.3f} images/s, diffusers {rate[DIFFUSERS]:.3f}: "
+            f"{rate[OURS] / rate[DIFFUSERS]:.2f}x")
+        results.append({"batch": batch, "seconds": seconds, "images_per_s": rate,
+                        "ratio_vs_diffusers": rate[OURS] / rate[DIFFUSERS]})
+    return {"model": "amused-256 shapes (UVit2DModel defaults, sample_size 16), random weights shared by both",
+            "parameters": params, "num_steps": num_steps, "guidance_scale": guidance_scale,
+            "sampling": dataclasses.asdict(sampling), "parity": parity, "results": results,
+            "target": {"ratio": 1.5, "met": all(r["ratio_vs_diffusers"] >= 1.5 for r in results)}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Profiling
 
 
@@ -451,6 +533,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="timed runs per case, the median is reported (default 3; quick 1)")
     parser.add_argument("--guidance", choices=["on", "off", "both"], default="both")
     parser.add_argument("--out", type=Path, help="also write the JSON here (full runs default to bench/results/)")
+    parser.add_argument("--amused", action="store_true",
+                        help="only the aMUSEd comparison: musegen vs AmusedPipeline on one random amused-256 state "
+                             "dict, 12 steps, guidance on, batches 1 and 4 (default), fp32, with full-size parity")
     parser.add_argument("--profile", action="store_true",
                         help="print a torch.profiler table of our loop (largest batch, guidance on) to stderr")
     parser.add_argument("--profile-rows", type=int, default=25)
@@ -476,6 +561,13 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_info(args.threads)
     log(f"machine: {machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, torch {machine['torch_version']}, "
         f"{machine['threads']} threads, load {machine['load_average']}")
+    if args.amused:
+        report = {"benchmark": "bench/sample.py --amused", "created": datetime.now(timezone.utc).isoformat(
+                      timespec="seconds"), "machine": machine, "versions": library_versions(),
+                  "amused": amused_comparison(tuple(args.batches or (1, 4)), args.reps or 2, args.steps or 12,
+                                              10.0, log)}
+        write_report(report, "sample-amused", args.out, default_run=not (args.batches or args.reps or args.steps))
+        return report
     peak_sizes, peak_reps = ((1024, 2048), 3) if args.quick else ((1024, 2048, 4096), 5)
     peak_start = measure_matmul_peak(peak_sizes, peak_reps)
     log(f"fp32 matmul peak (start): {peak_start['gflops']:.1f} GFLOP/s  {peak_start['gflops_by_size']}")
