@@ -149,6 +149,8 @@ def _parse_pad(text: str) -> tuple[int, int, int, int]:
         raise argparse.ArgumentTypeError(f"--pad must be four integers LEFT,TOP,RIGHT,BOTTOM, got {text!r}") from None
     if len(pad) != 4:
         raise argparse.ArgumentTypeError(f"--pad must be four integers LEFT,TOP,RIGHT,BOTTOM, got {text!r}")
+    if any(p < 0 for p in pad):
+        raise argparse.ArgumentTypeError(f"pad must not be negative, got {text!r} (left,top,right,bottom pixels)")
     return pad
 
 
@@ -491,6 +493,14 @@ def upscale_main(args: argparse.Namespace) -> None:
     _run_image_task(args, "upscale", {})
 
 
+def _check_edit_arguments(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.strength <= 1.0:
+        raise SystemExit(f"muse edit: --strength must be a number in [0, 1], got {args.strength}")
+    if args.iterations < 1:
+        raise SystemExit(f"muse edit: --iterations must be >= 1, got {args.iterations}")
+
+
 def edit_main(args: argparse.Namespace) -> None:
+    _check_edit_arguments(args)
     _run_image_task(args, "edit", {"strength": args.strength, "iterations": args.iterations,
                                           "mode": args.mode})

@@ -1181,7 +1181,8 @@ def _open_image(path: str | os.PathLike, name: str) -> Image.Image:
             image.load()  # decode now: a truncated file fails here, with its name
             return image
     except UnidentifiedImageError:
-        raise ValueError(f"{name}: {where} is not an image file PIL can read") from None
+        raise ValueError(f"{name}: {where} is not an image file PIL can read (not an image, or truncated or corrupt "
+                         "before its header ends)") from None
     except Image.DecompressionBombError as e:
         raise ValueError(f"{name}: {where} is too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
