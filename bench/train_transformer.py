@@ -35,11 +35,9 @@ sys.path.insert(0, str(REPO))
 
 from machine import machine_info, write_report  # noqa: E402  (bench/machine.py)
 from muse.config import SuperResRun, TransformerRun, load_config  # noqa: E402
-from muse.train.common import EMA, build_optimizer, build_scheduler, step_optimizer  # noqa: E402
-from muse.train.masked import masked_loss, text_dropout, training_mask  # noqa: E402
-from muse.train.superres import LowToHighTokens  # noqa: E402
-from muse.train.tokens import TokenBatch  # noqa: E402
-from muse.train.transformer import TextToTokens  # noqa: E402
+from muse.data.sources import TokenBatch  # noqa: E402
+from muse.train.masked import StageNet, masked_loss, text_dropout, training_mask  # noqa: E402
+from muse.train.runtime import EMA, build_optimizer, build_scheduler, step_optimizer  # noqa: E402
 from superres.model import SuperResTransformer  # noqa: E402
 from transformer.model import MaskedTransformer  # noqa: E402
 from transformer.text import TextEmbedding  # noqa: E402
@@ -87,11 +85,11 @@ def run_preset(path: str, steps: int, warmup: int, batch_size: int | None, devic
     torch.manual_seed(0)
     if isinstance(cfg, SuperResRun):
         model = SuperResTransformer(cfg.model)
-        net = LowToHighTokens(model)
+        net = StageNet(model)
         mask_id = cfg.model.high.mask_token_id
     elif isinstance(cfg, TransformerRun):
         model = MaskedTransformer(cfg.model)
-        net = TextToTokens(model)
+        net = StageNet(model)
         mask_id = cfg.model.mask_token_id
     else:
         raise SystemExit(f"{path}: stage {cfg.stage!r} is not a masked-token stage")
