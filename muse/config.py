@@ -1,8 +1,8 @@
 """Run configs: YAML presets <-> frozen dataclasses.
 
 A preset is a YAML file whose `stage:` key picks the run dataclass (`vqgan`, `transformer`, `superres` or `scorer`);
-every other top-level key is one of that dataclass's fields. Loading is strict: an unknown or mistyped key raises a `ConfigError`
-naming its dotted path (`train.lrr`), so a typo never silently falls back to a default.
+every other top-level key is one of that dataclass's fields. Loading is strict: an unknown or mistyped key raises a
+`ConfigError` naming its dotted path (`train.lrr`), so a typo never silently falls back to a default.
 
     cfg = load_config("configs/vqgan/emoji-f8.yaml", overrides=["train.lr=2e-4", "model.codebook_size=4096"])
     save_config(cfg, run_dir / "config.yaml")   # saved beside every checkpoint

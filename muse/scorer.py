@@ -14,8 +14,8 @@ Both towers are pretrained and frozen; only two small heads and a temperature ar
   image resized to `image_size` (so 64 px samples and 128 px renders are seen alike).
 
 Each feature goes through an MLP to `embed_dim` and is l2-normalised; the learned temperature scales the cosine
-similarities in CLIP's symmetric InfoNCE loss (`contrastive_loss`). Training runs the frozen towers once over the data and caches the
-features, then fits the heads alone, which takes seconds to minutes on one CPU thread.
+similarities in CLIP's symmetric InfoNCE loss (`contrastive_loss`). Training runs the frozen towers once over the data
+and caches the features, then fits the heads alone, which takes seconds to minutes on one CPU thread.
 
 Training lives in `muse/train/scorer.py`. Train it on the emoji training split only (the held-out pairs are what
 `muse eval` measures):

@@ -173,8 +173,9 @@ def train_step(cfg: TransformerRun | SuperResRun, rt: Runtime, net: nn.Module, m
     grad_norm = step_optimizer(out.loss, optimizer, scheduler, cfg.train.grad_clip)
     if ema is not None:
         ema.update(model)
-    return {"loss": out.loss.detach(), "accuracy": out.accuracy, "masked_fraction": out.num_masked /
-            batch.tokens.numel(), "grad_norm": grad_norm}
+    B, L = batch.tokens.shape
+    return {"loss": out.loss.detach(), "accuracy": out.accuracy, "masked_fraction": out.num_masked / (B * L),
+            "queried_fraction": out.queried / L, "grad_norm": grad_norm}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -230,6 +231,7 @@ class MaskedLoss:
     loss: Tensor      # scalar: mean cross-entropy over masked positions (what backward is called on)
     accuracy: Tensor  # scalar, detached: fraction of masked positions whose argmax is the target
     num_masked: int   # masked positions in the batch
+    queried: int      # M: positions per row the last layer and the head ran at (the largest masked count of a row)
 
 
 def training_mask(batch: TokenBatch, masking: MaskingConfig) -> Tensor:
@@ -291,7 +293,7 @@ def masked_loss(net: nn.Module, batch: TokenBatch, mask: Tensor, mask_token_id: 
     count = valid.sum().clamp(min=1)
     loss = (per_token * valid).sum() / count
     correct = (logits.detach().argmax(dim=-1).flatten() == targets.flatten()) & valid
-    return MaskedLoss(loss=loss, accuracy=correct.sum() / count, num_masked=num_masked)
+    return MaskedLoss(loss=loss, accuracy=correct.sum() / count, num_masked=num_masked, queried=positions.shape[1])
 
 
 def fixed_ratio_mask(num_items: int, num_tokens: int, ratio: float, seed: int) -> Tensor:
@@ -346,21 +348,27 @@ def check_batch(batch: TokenBatch, cfg: TransformerRun | SuperResRun) -> None:
     if isinstance(cfg, SuperResRun):  # super-res: a high-res and a low-res grid
         if batch.low_tokens is None:
             raise ValueError("the token shards hold no low-res tokens: tokenize them with a superres config")
-        grids = (("high-res", batch.tokens, cfg.model.high.grid_size, cfg.model.high.codebook_size),
-                 ("low-res", batch.low_tokens, cfg.model.low_grid_size, cfg.model.low_codebook_size))
+        for name, tokens, grid, K in (
+            ("high-res", batch.tokens, cfg.model.high.grid_size, cfg.model.high.codebook_size),
+            ("low-res", batch.low_tokens, cfg.model.low_grid_size, cfg.model.low_codebook_size),
+        ):
+            if tokens.shape[1] != grid * grid:
+                raise ValueError(f"the data has {tokens.shape[1]} {name} tokens per image, the model's {name} grid is "
+                                 f"{grid}x{grid}; match data.resolution / low_resolution to the model config")
+            if int(tokens.max()) >= K:
+                raise ValueError(f"the data holds {name} token id {int(tokens.max())}, the model's {name} codebook "
+                                 f"has {K} entries")
         text_dim, text_key = cfg.model.high.text_dim, "model.high.text_dim"
     else:
-        grids = (("", batch.tokens, cfg.model.grid_size, cfg.model.codebook_size),)
+        grid = cfg.model.grid_size
+        if batch.tokens.shape[1] != grid * grid:
+            raise ValueError(f"the data has {batch.tokens.shape[1]} tokens per image, model.grid_size={grid} expects "
+                             f"{grid * grid} ({grid}x{grid}); set data.resolution or model.grid_size to match the "
+                             "VQGAN")
+        if int(batch.tokens.max()) >= cfg.model.codebook_size:
+            raise ValueError(f"the data holds token id {int(batch.tokens.max())} but model.codebook_size is "
+                             f"{cfg.model.codebook_size}: set it to the VQGAN's codebook size")
         text_dim, text_key = cfg.model.text_dim, "model.text_dim"
-    for name, tokens, grid, K in grids:
-        what = f"{name} tokens" if name else "tokens"
-        if tokens.shape[1] != grid * grid:
-            raise ValueError(f"the data has {tokens.shape[1]} {what} per image, the model's {name + ' ' if name else ''}"
-                             f"grid is {grid}x{grid}: set data.resolution (and low_resolution) or the model's grid "
-                             "size to match the VQGAN")
-        if int(tokens.max()) >= K:
-            raise ValueError(f"the data holds {what[:-1]} id {int(tokens.max())}, the model's "
-                             f"{name + ' ' if name else ''}codebook has {K} entries: set it to the VQGAN's codebook size")
     if batch.text_states.shape[-1] != text_dim:
         raise ValueError(f"the text states are {batch.text_states.shape[-1]}-d but {text_key} is {text_dim}")
 

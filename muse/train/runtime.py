@@ -198,19 +198,27 @@ def parallelize(net: nn.Module, units: Sequence[nn.Module], rt: Runtime, train: 
         return wrap_ddp(net, rt)
     if not rt.distributed:
         return net
-    try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    except ImportError as error:  # torch < 2.6
-        raise RuntimeError(f"train.parallel=fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {error}")
+    from torch.distributed.fsdp import fully_shard
+
     # Unlike DDP, FSDP does not broadcast: without this each rank would shard its own random init.
     broadcast_from_main(net, rt)
-    policy = MixedPrecisionPolicy()
-    if rt.device.type == "cuda" and train.mixed_precision:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = fsdp_policy(rt, train)
     for unit in units:
         fully_shard(unit, mp_policy=policy)
     fully_shard(net, mp_policy=policy)
     return net
+
+
+def fsdp_policy(rt: Runtime, train: TrainConfig) -> Any:
+    """FSDP2's MixedPrecisionPolicy: on CUDA with `mixed_precision`, weights all-gathered in bf16 and gradients
+    reduce-scattered in float32 (a sum of many bf16 gradients would lose their low bits); float32 throughout else."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+    except ImportError as error:  # torch < 2.6
+        raise RuntimeError(f"train.parallel=fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {error}")
+    if rt.device.type == "cuda" and train.mixed_precision:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
 
 
 def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
@@ -932,7 +940,8 @@ def save_sharded(run_dir: Path, step: int, components: dict[str, Any], batches: 
     barrier(rt)
     tensors, rest = _sharded_state(components)
     # Every rank writes its own shards (fsynced); rank 0 writes `.metadata` once all have finished.
-    dcp.save(tensors, checkpoint_id=tmp, no_dist=not rt.distributed)
+    with _single_process_quietly(rt):
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=not rt.distributed)
     rngs, positions = gather(rng_state(), rt), gather(batches.state_dict(), rt)
     if rt.is_main:
         trainer = {"format": SHARDED_FORMAT, "step": step, "components": rest, "rng": rngs, "data": positions,
@@ -951,6 +960,16 @@ def save_sharded(run_dir: Path, step: int, components: dict[str, Any], batches: 
         if previous is not None and previous != final and not (previous / KEPT_MARKER).exists():
             shutil.rmtree(previous)
     barrier(rt)
+
+
+@contextlib.contextmanager
+def _single_process_quietly(rt: Runtime) -> Iterator[None]:
+    """torch.distributed.checkpoint warns that it assumes one process when there is no process group, even when told
+    so (`no_dist`); one process is the intent here."""
+    with warnings.catch_warnings():
+        if not rt.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _remove_other_format(run_dir: Path, sharded: bool) -> None:
@@ -1043,7 +1062,8 @@ def _load_sharded(saved: Saved, components: dict[str, Any], rt: Runtime) -> None
 
     tensors, _ = _sharded_state(components)  # the layout to fill: this run's (sharded or whole) tensors
     try:
-        dcp.load(tensors, checkpoint_id=saved.path, no_dist=not rt.distributed)
+        with _single_process_quietly(rt):
+            dcp.load(tensors, checkpoint_id=saved.path, no_dist=not rt.distributed)
     except Exception as error:  # noqa: BLE001 - a missing or mismatched tensor: name the checkpoint
         raise CheckpointError(f"cannot load the sharded checkpoint {saved.path} into this run "
                               f"({type(error).__name__}: {error})") from None
@@ -1060,14 +1080,21 @@ def _load_sharded(saved: Saved, components: dict[str, Any], rt: Runtime) -> None
 
 
 __all__ = [
+    # 1. process
     "Runtime", "setup", "teardown", "barrier", "seed_everything", "gather", "mean_across_ranks",
     "broadcast_from_main", "average_gradients",
-    "parallelize", "wrap_ddp", "compile_blocks", "unwrap", "is_sharded", "shard_like", "start_from_weights", "EMA",
-    "evaluation_model",
+    # 2. model
+    "parallelize", "fsdp_policy", "wrap_ddp", "compile_blocks", "unwrap", "is_sharded", "shard_like",
+    "start_from_weights", "EMA", "evaluation_model",
+    # 3. optimizer
     "decay_and_no_decay", "build_optimizer", "lr_factor", "build_scheduler", "step_optimizer", "clip_and_step",
+    # 4. precision
     "autocast", "evaluating", "frozen",
+    # 5. data
     "EpochBatchSampler", "hash_seed", "BatchStream",
+    # 6. logging
     "TrainLogger", "Meter",
+    # 7. checkpoints
     "CheckpointError", "Saved", "checkpoint_dir", "atomic_write", "fsync_dir", "load_checkpoint", "latest_sharded",
     "find_checkpoint", "prepare_run_dir", "changed_keys", "rng_state", "set_rng_state", "save_checkpoint",
     "collect_state", "write_checkpoint", "save_sharded", "restore",

@@ -66,7 +66,8 @@ def train(cfg: ScorerRun, resume: bool = False, keep_every: int | None = None) -
     """The `muse train` entry point: fit per `cfg` and return the exported scorer directory, `train.out_dir`.
     `resume` trains again from the feature cache (there is no checkpoint to continue); `keep_every` is refused."""
     if keep_every is not None:
-        raise ValueError("the scorer keeps no checkpoints (it trains in minutes from cached features): drop --keep-every")
+        raise ValueError("the scorer keeps no checkpoints (it trains in minutes from cached features): "
+                         "drop --keep-every")
     fit(cfg)
     return Path(cfg.train.out_dir)
 

@@ -1,6 +1,7 @@
 """Masked-token training (base and super-res stages): masking, the loss, fixed-ratio validation, exact resume."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,46 @@ def test_transformer_resume_from_shards_is_exact_and_writes_validation_and_sampl
     assert torch.equal(exported.head.weight, straight["components"]["ema"]["head.weight"])
 
 
+def legacy_save(run_dir, step, components, batches, cfg, rt, keep_every):
+    """checkpoints/last.pt exactly as musegen wrote it before the sharded format (commit 2ed806e's collect_state and
+    write_checkpoint): one process's RNG and data position, the position without "consumed", the EMA as the state dict
+    of its model copy (the same names and tensors as `EMA.state_dict`)."""
+    from muse.config import config_to_dict
+    from muse.train.runtime import atomic_write, rng_state
+
+    state = {
+        "step": step,
+        "components": {name: obj.state_dict() for name, obj in components.items()},
+        "rng": [rng_state()],
+        "data": [{"epoch": batches.epoch, "batch": batches.batch, "samples": batches.batch * batches.batch_size}],
+        "world_size": 1,
+        "config": config_to_dict(cfg),
+    }
+    atomic_write(run_dir / "checkpoints" / "last.pt", lambda f: torch.save(state, f))
+    if step == 2:
+        raise Preempted
+
+
+def test_a_last_pt_of_the_previous_format_resumes_exactly(tmp_path, monkeypatch, t5):
+    # The same run straight, and interrupted after a step-2 checkpoint in the old format, then resumed by this code.
+    shards = write_shards(tmp_path / "tokens", TextEncoder(t5), t5, n_train=7, n_val=2)
+    load = lambda out: load_config(CONFIGS / "transformer" / "tiny.yaml", [  # noqa: E731
+        f"text.name_or_path={t5.name_or_path}", "text.kind=t5", f"model.text_dim={TEXT_DIM}", "vqgan=none",
+        "data.format=tokens", f"data.path={shards}", "masking.text_dropout=0.3", "train.steps=4",
+        "train.save_every=2", "train.batch_size=3", f"train.out_dir={out}"])
+    masked.train(load(tmp_path / "straight"))
+    monkeypatch.setattr(masked, "save_checkpoint", legacy_save)
+    with pytest.raises(Preempted):
+        masked.train(load(tmp_path / "old"))
+    monkeypatch.undo()
+    assert "consumed" not in load_checkpoint(tmp_path / "old" / "checkpoints" / "last.pt")["data"][0]
+    masked.train(load(tmp_path / "old"), resume=True)
+    straight, resumed = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("straight", "old"))
+    assert straight["step"] == resumed["step"] == 4
+    assert_same(straight["components"], resumed["components"])
+    assert straight["data"] == resumed["data"]
+
+
 def test_superres_resume_from_shards_is_exact(tmp_path, monkeypatch, t5):
     shards = write_shards(tmp_path / "tokens", TextEncoder(t5), t5, n_train=7, n_val=3, low_grid=GRID)
     vqgan = tiny_vqgan(tmp_path / "vqgan")
@@ -269,3 +310,18 @@ def test_init_from_starts_a_fresh_run_from_saved_weights_and_refuses_other_shape
     with pytest.raises(ValueError, match="shape"):
         masked.train(load("train.steps=1", "model.width=48", f"train.init_from={first}",
                                        f"train.out_dir={tmp_path / 'wider'}"))
+
+
+def test_data_that_does_not_fit_the_model_is_refused_with_the_numbers():
+    base = load_config(CONFIGS / "transformer" / "tiny.yaml", [f"model.text_dim={TEXT_DIM}"])
+    batch = random_batch()  # 4x4 grids of ids below K = 32, 32-d text: what the config expects
+    masked.check_batch(batch, base)
+    with pytest.raises(ValueError, match="has 9 tokens per image, model.grid_size=4 expects 16"):
+        masked.check_batch(replace(batch, tokens=batch.tokens[:, :9]), base)
+    with pytest.raises(ValueError, match="token id 40 but model.codebook_size is 32"):
+        masked.check_batch(replace(batch, tokens=batch.tokens.index_fill(1, torch.tensor([0]), 40)), base)
+    with pytest.raises(ValueError, match="text states are 7-d but model.text_dim is 32"):
+        masked.check_batch(replace(batch, text_states=batch.text_states[..., :7]), base)
+    superres = load_config(CONFIGS / "superres" / "tiny.yaml", [f"model.high.text_dim={TEXT_DIM}"])
+    with pytest.raises(ValueError, match="hold no low-res tokens"):
+        masked.check_batch(batch, superres)
