@@ -248,8 +248,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_sharded(tensor: Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
+    """Whether `tensor` is a DTensor (a shard of a tensor spread over the processes, as FSDP2 keeps them)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor cannot have sharded anything
+        return False
     return isinstance(tensor, DTensor)
 
 
@@ -790,8 +793,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        # weights_only=False: the file also holds numpy / python RNG states, and it is our own file.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only=False: the file also holds numpy / python RNG states, and it is our own file. mmap: the tensors
+        # are read as they are used, and the processes of a node that all load one last.pt share its pages.
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as error:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error})") from None
     if not isinstance(state, dict) or "step" not in state:

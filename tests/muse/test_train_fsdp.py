@@ -15,10 +15,10 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from muse.config import load_config
-from muse.data.sources import TokenBatch, save_unconditional
+from muse.data.sources import save_unconditional
 from muse.data.tokens import TokenShardWriter
 from muse.train import masked
-from muse.train.runtime import EMA, LAST, LAST_SHARDED, TRAINER_FILE, compile_blocks, load_checkpoint
+from muse.train.runtime import LAST, LAST_SHARDED, TRAINER_FILE, load_checkpoint
 from transformer.text import TextEmbedding
 
 REPO = Path(__file__).resolve().parents[2]
@@ -261,7 +261,7 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(runs):
     assert json.loads((checkpoints / LAST_SHARDED).read_text())["step"] == 5
 
 
-@pytest.mark.filterwarnings("ignore:resuming .* with a changed config: train.out_dir")  # the run was copied
+@pytest.mark.filterwarnings("ignore:resuming .* with a changed config")  # the run was copied: out_dir changed
 def test_a_two_process_sharded_checkpoint_resumes_on_one_process(runs, monkeypatch):
     run = runs / "onto-one"
     cfg = load_config(PRESET, ["data.format=tokens", f"data.path={runs / 'tokens'}", "vqgan=none", "train.steps=4",
