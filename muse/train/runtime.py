@@ -203,6 +203,9 @@ def parallelize(net: nn.Module, units: Sequence[nn.Module], rt: Runtime, train: 
     # Unlike DDP, FSDP does not broadcast: without this each rank would shard its own random init.
     broadcast_from_main(net, rt)
     policy = fsdp_policy(rt, train)
+    # FSDP2 warns at every forward whose output is a view, in case an in-place op on it skips its backward hook. Our
+    # logits are one (Linear reshapes its 2-D product); the loss only reads them.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for unit in units:
         fully_shard(unit, mp_policy=policy)
     fully_shard(net, mp_policy=policy)

@@ -29,7 +29,7 @@ K, GRID, TEXT_DIM = 32, 4, 384  # the tiny preset: 4x4 grid, 32 codes, MiniLM-wi
 # preset through `masked.train` five times, in one process group (teardown keeps the group for the next run).
 WORKER = textwrap.dedent(
     """
-    import copy, json, shutil, sys
+    import copy, functools, json, os, shutil, sys
     from pathlib import Path
     import torch, torch.distributed as dist
     from muse.config import load_config
@@ -112,6 +112,12 @@ WORKER = textwrap.dedent(
             raise Preempted
 
     masked.train(cfg("straight"))
+    # Compiled blocks under FSDP2's hooks. aot_eager: Dynamo traces each block and AOTAutograd builds its forward and
+    # backward graphs, as with the default backend, but the graphs run as aten ops (no C++ code generation on a CPU).
+    real_compile = torch.compile
+    torch.compile = functools.partial(real_compile, backend="aot_eager")
+    masked.train(cfg("compiled", "train.compile=true"))
+    torch.compile = real_compile
     masked.save_checkpoint = save_then_crash
     try:
         masked.train(cfg("resumed"), keep_every=2)
@@ -146,6 +152,10 @@ WORKER = textwrap.dedent(
     dist.barrier()
     masked.train(cfg("ddp", "train.steps=5"), resume=True)
     dist.destroy_process_group()
+    # Rarely (twice in ~30 launches here, every output already written) a gloo process aborted while the interpreter
+    # shut down ("terminate called without an active exception"); what is tested is in the files, so skip that phase.
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 
@@ -231,6 +241,13 @@ def test_sharded_resume_reproduces_the_uninterrupted_run_exactly(runs):
     assert (runs / "resumed" / "checkpoints" / "step-0000002").is_dir()
     exported = [(runs / run / "transformer" / "model.safetensors").read_bytes() for run in ("straight", "resumed")]
     assert exported[0] == exported[1]  # the EMA weights, gathered to rank 0
+
+
+def test_compiled_blocks_train_like_eager_ones_under_fsdp(runs):
+    np.testing.assert_allclose(losses(runs / "compiled"), losses(runs / "straight"), rtol=1e-5)
+    compiled, eager = (sharded_checkpoint(runs / run, 4) for run in ("compiled", "straight"))
+    for key, value in eager["transformer"].items():
+        torch.testing.assert_close(compiled["transformer"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_fsdp_trains_like_ddp(runs):
