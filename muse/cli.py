@@ -18,11 +18,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "outpaint": ("muse.generate", "extend an image by pixels on any side"),
     "edit": ("muse.generate", "re-mask part of an image's tokens and resample under a new prompt"),
     "upscale": ("muse.generate", "super-resolve an image with the super-res stage alone"),
-    "train": ("muse.train.run", "train a stage from a YAML preset (vqgan, transformer or superres)"),
+    "train": ("muse.train.run", "train a stage from a YAML preset (vqgan, transformer, superres or scorer)"),
     "assemble": ("muse.assemble", "write a pipeline directory from a transformer run and an optional super-res run"),
     "convert": ("muse.convert", "write a musegen pipeline directory from a diffusers aMUSEd directory or hub id"),
     "eval": ("muse.evaluate", "evaluate a model: reconstruction, prompt fidelity, Frechet distance, inpainting"),
-    "scorer": ("muse.scorer", "train the in-house prompt scorer (best-of-N and muse eval's prompt fidelity)"),
+    "scorer": ("muse.train.scorer", "train the in-house prompt scorer (best-of-N and muse eval's prompt fidelity)"),
     "serve": ("muse.server", "serve generation and editing over HTTP"),
 }
 DATA_COMMANDS: dict[str, tuple[str, str]] = {

@@ -1,8 +1,8 @@
 """Run configs: YAML presets <-> frozen dataclasses.
 
-A preset is a YAML file whose `stage:` key picks the run dataclass (`vqgan`, `transformer` or `superres`); every other
-top-level key is one of that dataclass's fields. Loading is strict: an unknown or mistyped key raises a `ConfigError`
-naming its dotted path (`train.lrr`), so a typo never silently falls back to a default.
+A preset is a YAML file whose `stage:` key picks the run dataclass (`vqgan`, `transformer`, `superres` or `scorer`);
+every other top-level key is one of that dataclass's fields. Loading is strict: an unknown or mistyped key raises a
+`ConfigError` naming its dotted path (`train.lrr`), so a typo never silently falls back to a default.
 
     cfg = load_config("configs/vqgan/emoji-f8.yaml", overrides=["train.lr=2e-4", "model.codebook_size=4096"])
     save_config(cfg, run_dir / "config.yaml")   # saved beside every checkpoint
@@ -47,6 +47,9 @@ class DataConfig:
             raise ValueError(f"crop must be center or random, got {self.crop!r}")
 
 
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     out_dir: str
@@ -60,6 +63,11 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     ema_decay: float | None = None  # None = no EMA copy of the weights
     mixed_precision: bool = True    # bf16 autocast, applied on CUDA only (bf16 matmuls are very slow on CPU)
+    # ddp: every process holds the whole model and optimizer. fsdp: PyTorch's FSDP2 shards parameters, gradients and
+    # optimizer state over the processes, one unit per transformer block (masked-token stages only).
+    parallel: str = "ddp"
+    compile: bool = False           # torch.compile each transformer block (CUDA; the first steps pay for compiling)
+    tf32: bool = True               # TF32 tensor cores for the float32 matmuls left outside autocast (CUDA only)
     seed: int = 0
     log_every: int = 50
     val_every: int = 1000
@@ -75,6 +83,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if self.logger not in ("tensorboard", "csv"):
             raise ValueError(f"logger must be tensorboard or csv, got {self.logger!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
 
 
 @dataclass(frozen=True)
@@ -119,8 +129,73 @@ class SuperResRun:
     stage: str = "superres"
 
 
-RunConfig = Union[VQGANRun, TransformerRun, SuperResRun]
-STAGES: dict[str, type] = {"vqgan": VQGANRun, "transformer": TransformerRun, "superres": SuperResRun}
+# The prompt scorer's model config is defined here rather than beside `PromptScorer` (muse/scorer.py) so that loading
+# any preset stays free of torch and the scorer's towers; muse.scorer imports it from here.
+@dataclass(frozen=True)
+class ScorerConfig:
+    """The frozen towers and the learned heads; saved as config.json beside the heads' weights."""
+
+    text_encoder: str = "minilm"      # TextEncoder name_or_path of the frozen text tower (the offline MiniLM alias)
+    text_kind: str = "auto"           # TextEncoder kind ("auto" for MiniLM)
+    max_length: int = 32              # prompt tokens; emoji captions are far shorter
+    image_size: int = 128             # side in pixels every image is resized to before EfficientNet-Lite0
+    hidden_dim: int = 512
+    embed_dim: int = 256
+    dropout: float = 0.1              # on the heads' hidden layer, while training
+    init_temperature: float = 0.07    # CLIP's initial temperature
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "image_size", "hidden_dim", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32 (EfficientNet-Lite0 downsamples by 32), got {self.image_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.init_temperature <= 1.0:
+            raise ValueError(f"init_temperature must be in (0, 1], got {self.init_temperature}")
+
+
+@dataclass(frozen=True)
+class ScorerDataConfig:
+    path: str                                # image-caption folder; the scorer trains on its "train" split
+    # Each image is rendered at every size here (a pre-rendered size when the folder has one); each rendering is a
+    # view, and a training pair draws one at random, so the scorer sees both small samples and large renders.
+    source_sizes: tuple[int, ...] = (64, 128)
+    cache_dir: str | None = None             # frozen-feature cache; None = `train.out_dir/feature-cache`
+
+    def __post_init__(self) -> None:
+        if not self.source_sizes or any(s < 1 for s in self.source_sizes):
+            raise ValueError(f"source_sizes must be positive sizes, got {self.source_sizes!r}")
+
+
+@dataclass(frozen=True)
+class ScorerTrainConfig:
+    out_dir: str
+    steps: int = 1000
+    batch_size: int = 256           # pairs per contrastive batch (capped at the number of training pairs)
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    log_every: int = 500            # 0 = no progress lines
+    device: str = "cpu"             # the heads are small: the frozen features dominate, and they are cached
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError(f"need steps >= 1 and batch_size >= 2, got {self.steps} and {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ScorerRun:
+    data: ScorerDataConfig
+    train: ScorerTrainConfig
+    model: ScorerConfig = field(default_factory=ScorerConfig)
+    stage: str = "scorer"
+
+
+RunConfig = Union[VQGANRun, TransformerRun, SuperResRun, ScorerRun]
+STAGES: dict[str, type] = {"vqgan": VQGANRun, "transformer": TransformerRun, "superres": SuperResRun,
+                           "scorer": ScorerRun}
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:

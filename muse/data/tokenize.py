@@ -23,9 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from muse.config import ConfigError, SuperResRun, TransformerRun, load_config
+from muse.data.sources import Tokenizers, has_validation, image_dataset, save_unconditional
 from muse.data.tokens import TokenShardWriter
-from muse.train.data import has_validation, image_dataset
-from muse.train.tokens import Tokenizers, save_unconditional
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,1 +1,2 @@
-"""One readable training loop per stage, plus the pieces they share."""
+"""One readable training loop per stage (`vqgan.py`, `masked.py` for the base transformer and super-res, `scorer.py`),
+the runtime they share (`runtime.py`), and `muse train` (`run.py`)."""

@@ -4,9 +4,13 @@
     muse train configs/transformer/emoji-base.yaml --set train.lr=3e-4 --set data.format=tokens \\
         --set data.path=data/emoji-tokens
     torchrun --nproc_per_node 2 -m muse.train.run configs/vqgan/emoji-f8.yaml   # DDP, one process per device
+    torchrun --nproc_per_node 8 -m muse.cli train configs/transformer/muse-3b.yaml --set train.parallel=fsdp
+    muse train configs/scorer/emoji.yaml
 
-`--resume` continues exactly from `out_dir/checkpoints/last.pt` (and starts fresh when there is none yet, so the same
-command serves the first launch and every restart).
+`--resume` continues exactly from the run's latest checkpoint (`checkpoints/last.pt`, or under FSDP the sharded one
+`checkpoints/last.json` names) and starts fresh when there is none yet, so the same command serves the first launch
+and every restart. The loops: `muse/train/vqgan.py`, `muse/train/masked.py` (base transformer and super-res),
+`muse/train/scorer.py`; what they share: `muse/train/runtime.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 from muse.config import ConfigError, load_config
 
 # stage -> module with `train(cfg, resume, keep_every) -> Path`; imported only for the stage being trained.
-TRAINERS = {"vqgan": "muse.train.vqgan", "transformer": "muse.train.transformer", "superres": "muse.train.superres"}
+TRAINERS = {"vqgan": "muse.train.vqgan", "transformer": "muse.train.masked", "superres": "muse.train.masked",
+            "scorer": "muse.train.scorer"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

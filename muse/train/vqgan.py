@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from muse.config import VQGANRun
-from muse.train.batches import BatchStream
-from muse.train.checkpoint import collect_state, prepare_run_dir, restore_state, write_checkpoint
-from muse.train.common import (
+from muse.config import ConfigError, VQGANRun
+from muse.data.sources import image_dataset, stack_images, validation_items
+from muse.train.runtime import (
     EMA,
+    BatchStream,
+    Meter,
     Runtime,
+    TrainLogger,
     autocast,
     average_gradients,
     broadcast_from_main,
@@ -25,16 +27,18 @@ from muse.train.common import (
     build_scheduler,
     clip_and_step,
     evaluating,
+    evaluation_model,
     lr_factor,
     mean_across_ranks,
+    prepare_run_dir,
+    restore,
+    save_checkpoint,
     setup,
     start_from_weights,
     step_optimizer,
     teardown,
     wrap_ddp,
 )
-from muse.train.data import image_dataset, stack_images, validation_items
-from muse.train.logger import Meter, TrainLogger
 from vqgan.losses import VQGANLoss
 from vqgan.model import VQGAN
 
@@ -45,7 +49,10 @@ GRID_IMAGES = 8    # reconstruction grid: this many originals above their recons
 def train(cfg: VQGANRun, resume: bool = False, keep_every: int | None = None) -> Path:
     """Train per `cfg`; with `resume`, continue exactly from `out_dir/checkpoints/last.pt` when it exists.
     `keep_every` also keeps a checkpoint copy every that many steps. Returns the exported model directory."""
-    rt = setup(cfg.train.seed)
+    if cfg.train.parallel != "ddp":
+        # FSDP shards transformer blocks; a VQGAN (tens of millions of parameters) fits on any device whole.
+        raise ConfigError(f"train.parallel={cfg.train.parallel!r}: the VQGAN stage trains with ddp")
+    rt = setup(cfg.train)
     run_dir = Path(cfg.train.out_dir)
     saved = prepare_run_dir(run_dir, cfg, resume, rt)
 
@@ -59,13 +66,16 @@ def train(cfg: VQGANRun, resume: bool = False, keep_every: int | None = None) ->
     losses = VQGANLoss(cfg.loss).to(rt.device)
     discriminator = losses.discriminator
     broadcast_from_main(discriminator, rt)
-    opt_vqgan, opt_disc = build_optimizer(vqgan, cfg.train), build_optimizer(discriminator, cfg.train)
+    fused = rt.device.type == "cuda"
+    opt_vqgan = build_optimizer(vqgan, cfg.train, fused=fused)
+    opt_disc = build_optimizer(discriminator, cfg.train, fused=fused)
     sched_vqgan = build_scheduler(opt_vqgan, cfg.train)
 
     # Data: an endless resumable stream of training images, and a fixed held-out batch.
     train_set = image_dataset(cfg.data, train=True, seed=cfg.train.seed)
     batches = BatchStream(train_set, cfg.train.batch_size, seed=cfg.train.seed, rank=rt.rank,
-                          world_size=rt.world_size, num_workers=cfg.data.num_workers)
+                          world_size=rt.world_size, num_workers=cfg.data.num_workers,
+                          pin_memory=rt.device.type == "cuda")
     val_items = validation_items(cfg.data, limit=VAL_IMAGES) if rt.is_main else None
     val_images = stack_images(val_items) if val_items else None
 
@@ -73,7 +83,7 @@ def train(cfg: VQGANRun, resume: bool = False, keep_every: int | None = None) ->
                   "sched_vqgan": sched_vqgan}
     if ema is not None:
         components["ema"] = ema
-    step = restore_state(saved, components, batches, rt) if saved else 0
+    step = restore(saved, components, batches, cfg, rt) if saved else 0
 
     log = TrainLogger(run_dir, cfg.train.logger, is_main=rt.is_main, total_steps=cfg.train.steps, start_step=step)
     log.info(f"vqgan: {sum(p.numel() for p in vqgan.parameters()) / 1e6:.2f}M parameters, "
@@ -98,7 +108,7 @@ def train(cfg: VQGANRun, resume: bool = False, keep_every: int | None = None) ->
         discriminator.requires_grad_(True)
         if ema is not None:
             ema.update(vqgan)
-        terms = {name: float(value) for name, value in g.terms.items()}
+        terms = {name: value.detach() for name, value in g.terms.items()}  # read back only when logging
 
         # Discriminator step, from `disc_start_step` on, at the VQGAN's learning rate of this step. It is trained
         # outside DDP, so its gradients are averaged over ranks by hand.
@@ -111,23 +121,28 @@ def train(cfg: VQGANRun, resume: bool = False, keep_every: int | None = None) ->
             for group in opt_disc.param_groups:
                 group["lr"] = cfg.train.lr * lr_factor(step, cfg.train)
             clip_and_step(opt_disc, cfg.train.grad_clip)
-            terms.update({name: float(value) for name, value in d.terms.items()})
+            terms.update({name: value.detach() for name, value in d.terms.items()})
         step += 1
         meter.add({**terms, "grad_norm": grad_norm}, items=images.shape[0])
-        log.advance({"loss": terms["total"]})
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        last = step == cfg.train.steps
+        postfix = None
+        if step % cfg.train.log_every == 0 or last:
             means, rate = meter.summary()
             means = mean_across_ranks(means, rt)
             log.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
                                "train/lr": sched_vqgan.get_last_lr()[0], "train/images_per_s": rate * rt.world_size})
-        eval_model = ema.model if ema is not None else vqgan
-        if rt.is_main and val_images is not None and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
+            postfix = {"loss": means["total"]}
+        log.advance(postfix)
+        validate_now, sample, save = (step % every == 0 or last for every in
+                                      (cfg.train.val_every, cfg.train.sample_every, cfg.train.save_every))
+        eval_model = evaluation_model(vqgan, ema, rt) if validate_now or sample or save else None  # rank 0 only
+        if rt.is_main and val_images is not None and validate_now:
             log.scalars(step, validate(eval_model, val_images, rt))
-        if rt.is_main and val_images is not None and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
+        if rt.is_main and val_images is not None and sample:
             save_grid(eval_model, val_images[:GRID_IMAGES], run_dir / "samples" / f"step-{step:07d}.png", rt)
-        if step % cfg.train.save_every == 0 or step == cfg.train.steps:
-            write_checkpoint(run_dir, collect_state(step, components, batches, cfg, rt), keep_every)
+        if save:
+            save_checkpoint(run_dir, step, components, batches, cfg, rt, keep_every)
             if rt.is_main:
                 eval_model.save_pretrained(run_dir / "vqgan")
 

@@ -13,7 +13,9 @@ from PIL import Image, ImageDraw
 from muse import cli
 from muse.evaluate import FD_LABEL, EvalConfig, evaluate, frechet_distance, markdown
 from muse.pipeline import MusePipeline
-from muse.scorer import PromptScorer, ScorerConfig, train_scorer
+from muse.config import ScorerDataConfig, ScorerRun, ScorerTrainConfig
+from muse.scorer import PromptScorer, ScorerConfig
+from muse.train.scorer import fit
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 
@@ -49,8 +51,8 @@ def exact_pipeline_dir(tiny_pipe, tmp_path_factory) -> Path:
 
 
 def tiny_scorer(data_dir: Path, out: Path, seed: int) -> Path:
-    train_scorer(data_dir, out, steps=20, batch_size=6, source_sizes=(32,), config=ScorerConfig(image_size=64),
-                 log_every=0, seed=seed)
+    fit(ScorerRun(data=ScorerDataConfig(str(data_dir), source_sizes=(32,)), model=ScorerConfig(image_size=64),
+                  train=ScorerTrainConfig(str(out), steps=20, batch_size=6, log_every=0, seed=seed)))
     return out
 
 

@@ -12,7 +12,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from muse.scorer import PromptScorer, ScorerConfig, image_batch, train_scorer
+from muse.config import load_config
+from muse.scorer import PromptScorer, image_batch
+from muse.train.scorer import fit
+
+REPO = Path(__file__).resolve().parents[2]
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -58,8 +62,10 @@ def shapes_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("scorer")
-    return train_scorer(shapes_dir, out, steps=40, batch_size=12, source_sizes=(32,),
-                        config=ScorerConfig(image_size=64), log_every=0), out
+    cfg = load_config(REPO / "configs" / "scorer" / "emoji.yaml", [
+        f"data.path={shapes_dir}", f"train.out_dir={out}", "data.source_sizes=[32]", "model.image_size=64",
+        "train.steps=40", "train.batch_size=12", "train.log_every=0"])
+    return fit(cfg), out
 
 
 def heldout_drawings() -> list[Image.Image]:
@@ -138,5 +144,36 @@ def test_missing_and_corrupt_files_raise_clear_errors(trained, tmp_path):
 
 def test_training_needs_a_training_split(tmp_path):
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file": "a.png", "caption": "a", "split": "heldout"}) + "\n")
+    cfg = load_config(REPO / "configs" / "scorer" / "emoji.yaml", [f"data.path={tmp_path}",
+                                                                    f"train.out_dir={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="fewer than 2 usable training images"):
-        train_scorer(tmp_path, tmp_path / "out", steps=1)
+        fit(cfg)
+
+
+def test_scorer_config_default_is_the_minilm_alias():
+    # ScorerConfig sits in muse.config (presets load without torch), so the alias is spelled there once more.
+    from muse.config import ScorerConfig
+    from transformer.text import MINILM_ALIAS
+
+    assert ScorerConfig().text_encoder == MINILM_ALIAS
+
+
+def test_muse_scorer_and_muse_train_run_the_same_training(trained, shapes_dir, tmp_path, monkeypatch, capsys):
+    from muse.cli import main as cli
+    from muse.train import scorer as scorer_trainer
+
+    # `muse scorer` flags: trains (from the fixture's feature cache) and saves a loadable scorer.
+    cache = trained[1] / "feature-cache"
+    cli(["scorer", "--data", str(shapes_dir), "--out", str(tmp_path / "cli"), "--steps", "3", "--batch-size", "4",
+         "--sizes", "32", "--image-size", "64", "--cache", str(cache)])
+    assert "scorer saved to" in capsys.readouterr().out
+    assert PromptScorer.load(tmp_path / "cli").config.image_size == 64
+    assert json.loads((tmp_path / "cli" / "training.json").read_text())["steps"] == 3
+
+    # `muse train configs/scorer/emoji.yaml` builds the same run from the preset and dispatches to the same fit.
+    seen = []
+    monkeypatch.setattr(scorer_trainer, "fit", seen.append)
+    cli(["train", str(REPO / "configs" / "scorer" / "emoji.yaml"), "--set", f"data.path={shapes_dir}",
+         "--out-dir", str(tmp_path / "preset"), "--set", "train.steps=3"])
+    assert len(seen) == 1 and seen[0].train.steps == 3 and seen[0].data.source_sizes == (64, 128)
+    assert seen[0].train.out_dir == str(tmp_path / "preset") and "exported scorer model" in capsys.readouterr().out

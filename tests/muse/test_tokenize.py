@@ -11,10 +11,9 @@ from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 from muse.cli import main as cli
 from muse.config import load_config
 from muse.data.images import ImageTransform, load_rgb
+from muse.data.sources import UNCONDITIONAL_FILE
 from muse.data.tokens import TokenShardDataset
-from muse.train import superres as superres_trainer
-from muse.train import transformer as transformer_trainer
-from muse.train.tokens import UNCONDITIONAL_FILE
+from muse.train import masked
 from transformer.config import TextEncoderConfig
 from transformer.text import TextEncoder
 from vqgan.model import VQGAN
@@ -74,7 +73,7 @@ def test_tokenize_then_train_from_shards(setup, tmp_path):
     cfg = load_config(CONFIGS / "transformer" / "tiny.yaml", [
         "data.format=tokens", f"data.path={out}", f"text.name_or_path={setup / 't5'}", "text.kind=t5",
         "model.text_dim=32", f"vqgan={setup / 'vqgan'}", "train.steps=2", f"train.out_dir={tmp_path / 'run'}"])
-    exported = transformer_trainer.train(cfg)
+    exported = masked.train(cfg)
     assert (exported / "model.safetensors").is_file()
     assert (tmp_path / "run" / "samples" / "step-0000002.png").is_file()
 
@@ -91,14 +90,14 @@ def test_superres_tokenize_writes_low_and_high_grids_and_trains(setup, tmp_path)
         "data.format=tokens", f"data.path={out}", f"text.name_or_path={setup / 't5'}", "text.kind=t5",
         "model.high.text_dim=32", f"vqgan_low={setup / 'vqgan'}", f"vqgan_high={setup / 'vqgan'}",
         "train.steps=1", f"train.out_dir={tmp_path / 'run'}"])
-    assert (superres_trainer.train(cfg) / "model.safetensors").is_file()
+    assert (masked.train(cfg) / "model.safetensors").is_file()
 
 
 def test_transformer_trains_directly_from_images(setup, tmp_path):
     cfg = load_config(CONFIGS / "transformer" / "tiny.yaml", [
         f"data.path={setup / 'images'}", f"text.name_or_path={setup / 't5'}", "text.kind=t5", "model.text_dim=32",
         f"vqgan={setup / 'vqgan'}", "train.steps=2", "train.val_every=2", f"train.out_dir={tmp_path / 'run'}"])
-    transformer_trainer.train(cfg)
+    masked.train(cfg)
     names = {row.split(",")[1] for row in (tmp_path / "run" / "logs" / "scalars.csv").read_text().splitlines()[1:]}
     assert {"train/loss", "train/tokens_per_s", "val/loss@0.5"} <= names
 

@@ -9,11 +9,17 @@ from PIL import Image
 
 from muse.config import load_config
 from muse.train import vqgan as vqgan_trainer
-from muse.train.batches import BatchStream, EpochBatchSampler
-from muse.train.checkpoint import CheckpointError, load_checkpoint
-from muse.train.common import build_optimizer, decay_and_no_decay, lr_factor
-from muse.train.logger import TrainLogger
 from muse.train.run import add_arguments, main
+from muse.train.runtime import (
+    BatchStream,
+    CheckpointError,
+    EpochBatchSampler,
+    TrainLogger,
+    build_optimizer,
+    decay_and_no_decay,
+    load_checkpoint,
+    lr_factor,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_VQGAN = REPO / "configs" / "vqgan" / "tiny.yaml"
@@ -41,14 +47,14 @@ class Preempted(Exception):
 
 def crash_after_saving(monkeypatch, module, at_step: int) -> None:
     """Make `module`'s loop die right after it writes the checkpoint of `at_step`, like a preempted job."""
-    real = module.write_checkpoint
+    real = module.save_checkpoint
 
-    def write_then_crash(run_dir, state, keep_every):
-        real(run_dir, state, keep_every)
-        if state is not None and state["step"] == at_step:
+    def save_then_crash(run_dir, step, *args):
+        real(run_dir, step, *args)
+        if step == at_step:
             raise Preempted
 
-    monkeypatch.setattr(module, "write_checkpoint", write_then_crash)
+    monkeypatch.setattr(module, "save_checkpoint", save_then_crash)
 
 
 def assert_same_state(a, b, where=""):
@@ -196,7 +202,7 @@ def test_batch_order_is_a_per_epoch_permutation_split_over_ranks():
     # 10 items in batches of 2 over 2 ranks: 5 per rank, the incomplete last batch is dropped.
     assert len(epoch(0, 0, n=10)) == 2
     assert epoch(0, 0) != epoch(0, 1)  # a new permutation each epoch
-    assert epoch(0, 1, start=1) == epoch(0, 1)[1:]
+    assert epoch(0, 1, start=4) == epoch(0, 1)[1:]  # `start` counts items of the epoch consumed by all ranks
     # A dataset smaller than one global batch is repeated so every rank still gets a batch.
     assert len(list(EpochBatchSampler(3, 2, seed=0, epoch=0, rank=1, world_size=2, shuffle=True))) == 1
 
@@ -211,7 +217,35 @@ def test_batch_stream_resumes_on_the_exact_next_batch():
     resumed = BatchStream(dataset, 2, seed=1, rank=0, world_size=1)
     resumed.load_state_dict(position)
     assert first + [next(resumed).tolist() for _ in range(4)] == straight
-    assert position == {"epoch": 1, "batch": 1, "samples": 2}
+    assert position == {"epoch": 1, "batch": 1, "samples": 2, "consumed": 2}
+
+
+def test_batch_stream_resumed_on_another_world_size_continues_from_the_same_item():
+    dataset = list(range(24))
+
+    def take(stream, count):
+        return [i for _ in range(count) for i in next(stream).tolist()]
+
+    # Two ranks take two batches of 3 each: 12 items of epoch 0, then the run is resumed on one process.
+    pair = [BatchStream(dataset, 3, seed=4, rank=r, world_size=2) for r in (0, 1)]
+    first = [take(stream, 2) for stream in pair]
+    saved = [stream.state_dict() for stream in pair]
+    assert saved[0]["consumed"] == saved[1]["consumed"] == 12
+    alone = BatchStream(dataset, 3, seed=4, rank=0, world_size=1)
+    alone.resume_from(saved)
+    rest = take(alone, 4)  # the 12 items of epoch 0 the pair had not read, then epoch 1 starts
+    assert sorted(first[0] + first[1] + rest) == list(range(24))
+    assert alone.state_dict()["consumed"] == 24 and alone.epoch == 0
+    next(alone)
+    assert alone.epoch == 1 and alone.state_dict()["consumed"] == 3
+    # The single process reads the epoch's order exactly where the pair's prefix ended.
+    single = BatchStream(dataset, 3, seed=4, rank=0, world_size=1)
+    assert take(single, 8)[12:] == rest
+    # Positions saved before "consumed" existed (samples per rank) map the same way.
+    legacy = [{k: v for k, v in state.items() if k != "consumed"} for state in saved]
+    again = BatchStream(dataset, 3, seed=4, rank=0, world_size=1)
+    again.resume_from(legacy)
+    assert take(again, 4) == rest
 
 
 def test_resumed_csv_log_drops_the_rows_logged_after_the_checkpoint(tmp_path):

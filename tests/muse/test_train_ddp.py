@@ -13,23 +13,22 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 
 # Runs on every rank: trains through the real CLI, and additionally saves this rank's copy of every component each
-# time the loop collects a checkpoint, so the test can compare the replicas (the real checkpoint is rank 0's only).
+# time the loop saves a checkpoint, so the test can compare the replicas (the real checkpoint is rank 0's only).
 WORKER = textwrap.dedent(
     """
     import os, sys, torch
     import muse.train.vqgan as trainer
     from muse.cli import main
 
-    real = trainer.collect_state
+    real = trainer.save_checkpoint
 
-    def collect_and_dump(step, components, batches, cfg, rt):
-        state = real(step, components, batches, cfg, rt)
+    def save_and_dump(run_dir, step, components, batches, cfg, rt, keep_every):
+        real(run_dir, step, components, batches, cfg, rt, keep_every)
         dump = {name: obj.state_dict() for name, obj in components.items()}
         torch.save({"step": step, "components": dump, "data": batches.state_dict()},
                    os.path.join(sys.argv[1], f"rank{rt.rank}.pt"))
-        return state
 
-    trainer.collect_state = collect_and_dump
+    trainer.save_checkpoint = save_and_dump
     main(sys.argv[2:])
     """
 )
@@ -80,5 +79,5 @@ def test_two_process_torchrun_training_keeps_replicas_identical(tmp_path):
     # Model (with its EMA codebook), EMA copy, discriminator (averaged by hand) and optimizer states all agree.
     assert_equal(rank0["components"], rank1["components"])
     # The ranks read different halves of each epoch: 8 images / 2 ranks / batch 2 = 2 batches per epoch each.
-    assert rank0["data"] == rank1["data"] == {"epoch": 1, "batch": 1, "samples": 2}
+    assert rank0["data"] == rank1["data"] == {"epoch": 1, "batch": 1, "samples": 2, "consumed": 4}
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "vqgan" / "model.safetensors").is_file()

@@ -1,6 +1,7 @@
 """Masked-token training (base and super-res stages): masking, the loss, fixed-ratio validation, exact resume."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +10,11 @@ import torch
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from muse.config import load_config
+from muse.data.sources import TokenBatch, save_unconditional, trim_text
 from muse.data.tokens import TokenShardWriter
-from muse.train import superres as superres_trainer
-from muse.train import loop
-from muse.train import transformer as transformer_trainer
-from muse.train.checkpoint import load_checkpoint
+from muse.train import masked
 from muse.train.masked import FixedRatioValidation, masked_loss, masked_positions, text_dropout, training_mask
-from muse.train.tokens import TokenBatch, save_unconditional, trim_text
+from muse.train.runtime import load_checkpoint
 from transformer.config import TextEncoderConfig
 from transformer.text import TextEmbedding, TextEncoder
 from vqgan.model import VQGAN
@@ -103,10 +102,8 @@ def test_loss_equals_cross_entropy_over_masked_tokens_of_the_full_logits():
     from transformer.config import TransformerConfig
     from transformer.model import MaskedTransformer
 
-    from muse.train.transformer import TextToTokens
-
     torch.manual_seed(0)
-    net = TextToTokens(MaskedTransformer(TransformerConfig(K, GRID, width=32, depth=1, num_heads=2,
+    net = masked.StageNet(MaskedTransformer(TransformerConfig(K, GRID, width=32, depth=1, num_heads=2,
                                                            text_dim=TEXT_DIM))).eval()
     batch = random_batch()
     mask = torch.zeros(6, GRID * GRID, dtype=torch.bool)
@@ -151,21 +148,21 @@ class Preempted(Exception):
     pass
 
 
-def run_interrupted_and_straight(module, cfg_path, tmp_path, monkeypatch, overrides, crash_at):
+def run_interrupted_and_straight(cfg_path, tmp_path, monkeypatch, overrides, crash_at):
     load = lambda out: load_config(cfg_path, [*overrides, f"train.out_dir={out}"])  # noqa: E731
-    module.train(load(tmp_path / "straight"))
-    real = loop.write_checkpoint  # both stages run the shared loop, which writes the checkpoints
+    masked.train(load(tmp_path / "straight"))
+    real = masked.save_checkpoint
 
-    def write_then_crash(run_dir, state, keep_every):
-        real(run_dir, state, keep_every)
-        if state["step"] == crash_at:
+    def save_then_crash(run_dir, step, *args):
+        real(run_dir, step, *args)
+        if step == crash_at:
             raise Preempted
 
-    monkeypatch.setattr(loop, "write_checkpoint", write_then_crash)
+    monkeypatch.setattr(masked, "save_checkpoint", save_then_crash)
     with pytest.raises(Preempted):
-        module.train(load(tmp_path / "resumed"))
+        masked.train(load(tmp_path / "resumed"))
     monkeypatch.undo()
-    module.train(load(tmp_path / "resumed"), resume=True)
+    masked.train(load(tmp_path / "resumed"), resume=True)
     return [load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("straight", "resumed")]
 
 
@@ -189,7 +186,7 @@ def test_transformer_resume_from_shards_is_exact_and_writes_validation_and_sampl
     overrides = [f"text.name_or_path={t5.name_or_path}", "text.kind=t5", f"model.text_dim={TEXT_DIM}",
                  f"vqgan={vqgan}", "data.format=tokens", f"data.path={shards}", "masking.text_dropout=0.3",
                  "masking.label_smoothing=0.1", "train.steps=5", "train.save_every=2", "train.batch_size=3"]
-    straight, resumed = run_interrupted_and_straight(transformer_trainer, CONFIGS / "transformer" / "tiny.yaml",
+    straight, resumed = run_interrupted_and_straight(CONFIGS / "transformer" / "tiny.yaml",
                                                      tmp_path, monkeypatch, overrides, crash_at=2)
     assert straight["step"] == resumed["step"] == 5
     assert_same(straight["components"], resumed["components"])
@@ -204,6 +201,46 @@ def test_transformer_resume_from_shards_is_exact_and_writes_validation_and_sampl
     assert torch.equal(exported.head.weight, straight["components"]["ema"]["head.weight"])
 
 
+def legacy_save(run_dir, step, components, batches, cfg, rt, keep_every):
+    """checkpoints/last.pt exactly as musegen wrote it before the sharded format (commit 2ed806e's collect_state and
+    write_checkpoint): one process's RNG and data position, the position without "consumed", the EMA as the state dict
+    of its model copy (the same names and tensors as `EMA.state_dict`)."""
+    from muse.config import config_to_dict
+    from muse.train.runtime import atomic_write, rng_state
+
+    state = {
+        "step": step,
+        "components": {name: obj.state_dict() for name, obj in components.items()},
+        "rng": [rng_state()],
+        "data": [{"epoch": batches.epoch, "batch": batches.batch, "samples": batches.batch * batches.batch_size}],
+        "world_size": 1,
+        "config": config_to_dict(cfg),
+    }
+    atomic_write(run_dir / "checkpoints" / "last.pt", lambda f: torch.save(state, f))
+    if step == 2:
+        raise Preempted
+
+
+def test_a_last_pt_of_the_previous_format_resumes_exactly(tmp_path, monkeypatch, t5):
+    # The same run straight, and interrupted after a step-2 checkpoint in the old format, then resumed by this code.
+    shards = write_shards(tmp_path / "tokens", TextEncoder(t5), t5, n_train=7, n_val=2)
+    load = lambda out: load_config(CONFIGS / "transformer" / "tiny.yaml", [  # noqa: E731
+        f"text.name_or_path={t5.name_or_path}", "text.kind=t5", f"model.text_dim={TEXT_DIM}", "vqgan=none",
+        "data.format=tokens", f"data.path={shards}", "masking.text_dropout=0.3", "train.steps=4",
+        "train.save_every=2", "train.batch_size=3", f"train.out_dir={out}"])
+    masked.train(load(tmp_path / "straight"))
+    monkeypatch.setattr(masked, "save_checkpoint", legacy_save)
+    with pytest.raises(Preempted):
+        masked.train(load(tmp_path / "old"))
+    monkeypatch.undo()
+    assert "consumed" not in load_checkpoint(tmp_path / "old" / "checkpoints" / "last.pt")["data"][0]
+    masked.train(load(tmp_path / "old"), resume=True)
+    straight, resumed = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("straight", "old"))
+    assert straight["step"] == resumed["step"] == 4
+    assert_same(straight["components"], resumed["components"])
+    assert straight["data"] == resumed["data"]
+
+
 def test_superres_resume_from_shards_is_exact(tmp_path, monkeypatch, t5):
     shards = write_shards(tmp_path / "tokens", TextEncoder(t5), t5, n_train=7, n_val=3, low_grid=GRID)
     vqgan = tiny_vqgan(tmp_path / "vqgan")
@@ -211,7 +248,7 @@ def test_superres_resume_from_shards_is_exact(tmp_path, monkeypatch, t5):
                  f"vqgan_low={vqgan}", f"vqgan_high={vqgan}", "data.format=tokens", f"data.path={shards}",
                  "masking.lowres_corruption=0.2", "train.steps=4", "train.save_every=2", "train.batch_size=3",
                  "train.sample_every=4"]
-    straight, resumed = run_interrupted_and_straight(superres_trainer, CONFIGS / "superres" / "tiny.yaml",
+    straight, resumed = run_interrupted_and_straight(CONFIGS / "superres" / "tiny.yaml",
                                                      tmp_path, monkeypatch, overrides, crash_at=2)
     assert straight["step"] == resumed["step"] == 4
     assert_same(straight["components"], resumed["components"])
@@ -227,11 +264,11 @@ def test_assemble_turns_the_runs_into_a_two_stage_pipeline(tmp_path, t5):
     vqgan = tiny_vqgan(tmp_path / "vqgan")
     text = [f"text.name_or_path={t5.name_or_path}", "text.kind=t5", "train.steps=2", "train.batch_size=3"]
     base_shards = write_shards(tmp_path / "base-tokens", TextEncoder(t5), t5, n_train=5, n_val=2)
-    transformer_trainer.train(load_config(CONFIGS / "transformer" / "tiny.yaml", [
+    masked.train(load_config(CONFIGS / "transformer" / "tiny.yaml", [
         *text, f"model.text_dim={TEXT_DIM}", f"vqgan={vqgan}", "data.format=tokens", f"data.path={base_shards}",
         f"train.out_dir={tmp_path / 'base'}"]))
     sr_shards = write_shards(tmp_path / "sr-tokens", TextEncoder(t5), t5, n_train=5, n_val=2, low_grid=GRID)
-    superres_trainer.train(load_config(CONFIGS / "superres" / "tiny.yaml", [
+    masked.train(load_config(CONFIGS / "superres" / "tiny.yaml", [
         *text, f"model.high.text_dim={TEXT_DIM}", f"vqgan_low={vqgan}", f"vqgan_high={vqgan}", "data.format=tokens",
         f"data.path={sr_shards}", f"train.out_dir={tmp_path / 'sr'}"]))
 
@@ -262,14 +299,29 @@ def test_init_from_starts_a_fresh_run_from_saved_weights_and_refuses_other_shape
               f"vqgan={tiny_vqgan(tmp_path / 'vqgan')}", "data.format=tokens", f"data.path={shards}",
               "train.batch_size=3", "train.sample_every=100"]
     load = lambda *extra: load_config(CONFIGS / "transformer" / "tiny.yaml", [*common, *extra])  # noqa: E731
-    first = transformer_trainer.train(load("train.steps=2", f"train.out_dir={tmp_path / 'first'}"))
+    first = masked.train(load("train.steps=2", f"train.out_dir={tmp_path / 'first'}"))
 
     # lr 0: the optimiser cannot move the weights, so the export must be exactly the weights it started from.
-    second = transformer_trainer.train(load("train.steps=1", "train.lr=0", f"train.init_from={first}",
+    second = masked.train(load("train.steps=1", "train.lr=0", f"train.init_from={first}",
                                             f"train.out_dir={tmp_path / 'second'}"))
     assert_same(MaskedTransformer.from_pretrained(first).state_dict(),
                 MaskedTransformer.from_pretrained(second).state_dict())
 
     with pytest.raises(ValueError, match="shape"):
-        transformer_trainer.train(load("train.steps=1", "model.width=48", f"train.init_from={first}",
+        masked.train(load("train.steps=1", "model.width=48", f"train.init_from={first}",
                                        f"train.out_dir={tmp_path / 'wider'}"))
+
+
+def test_data_that_does_not_fit_the_model_is_refused_with_the_numbers():
+    base = load_config(CONFIGS / "transformer" / "tiny.yaml", [f"model.text_dim={TEXT_DIM}"])
+    batch = random_batch()  # 4x4 grids of ids below K = 32, 32-d text: what the config expects
+    masked.check_batch(batch, base)
+    with pytest.raises(ValueError, match="has 9 tokens per image, model.grid_size=4 expects 16"):
+        masked.check_batch(replace(batch, tokens=batch.tokens[:, :9]), base)
+    with pytest.raises(ValueError, match="token id 40 but model.codebook_size is 32"):
+        masked.check_batch(replace(batch, tokens=batch.tokens.index_fill(1, torch.tensor([0]), 40)), base)
+    with pytest.raises(ValueError, match="text states are 7-d but model.text_dim is 32"):
+        masked.check_batch(replace(batch, text_states=batch.text_states[..., :7]), base)
+    superres = load_config(CONFIGS / "superres" / "tiny.yaml", [f"model.high.text_dim={TEXT_DIM}"])
+    with pytest.raises(ValueError, match="hold no low-res tokens"):
+        masked.check_batch(batch, superres)

@@ -1,18 +1,23 @@
-"""Token batches for the masked stages, from pre-encoded shards or from images tokenized on the fly.
+"""What a run's `data` section names: image datasets (folders, webdataset shards), and `TokenBatch`es for the masked
+stages, from pre-encoded shards or from images tokenized on the fly.
 
-Both paths produce the same `TokenBatch`, so the training loops do not care where tokens come from:
+    train_set = image_dataset(cfg.data, train=True, seed=cfg.train.seed)
+    val_items = validation_items(cfg.data, limit=256)   # None when there is no validation split
+    source = TokenSource(cfg, device, seed)            # the masked stages: shards or images, the same TokenBatch
+    batch = source.batch(next(batches))                 # collated dataset items -> TokenBatch on the device
 
-    tokenizers = Tokenizers.load(cfg, device)          # frozen VQGAN(s) + text encoder
-    batch = tokenizers.encode(images, captions)         # images (B, 3, H, W) -> TokenBatch
-    batch = shard_batch(next(shard_stream))             # collated TokenShardDataset items -> TokenBatch
-
-`muse data tokenize` writes shards with the same `Tokenizers.encode`, so both paths give identical tokens.
+Training images are random- or center-cropped per `data.crop`; validation images are always center-cropped, so the
+validation set is the same tensor at every evaluation. `muse data tokenize` writes shards with the same
+`Tokenizers.encode`, so both paths give identical tokens. Nothing here imports the training code: the loops in
+`muse/train/` read their data from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,14 +26,89 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torch.utils.data import default_collate
+from torch.utils.data import Dataset, default_collate
 
-from muse.config import SuperResRun, TransformerRun
+from muse.config import DataConfig, SuperResRun, TransformerRun
+from muse.data.folder import ImageCaptionDataset
+from muse.data.images import ImageTransform
+from muse.data.streaming import WebDatasetImages
 from muse.data.tokens import TokenShardDataset
-from muse.train.data import has_validation, image_dataset, token_split_dir, validation_items
 from transformer.config import TextEncoderConfig
 from transformer.text import TextEmbedding, TextEncoder
 from vqgan.model import VQGAN
+
+# A random crop takes a resolution-sized window out of the image resized to 9/8 of the resolution (72 px for 64).
+# Resizing to the resolution itself would leave square sources (the emoji set) no room to move.
+RANDOM_CROP_SCALE = 1.125
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def image_transform(data: DataConfig, *, train: bool, resolution: int | None = None) -> ImageTransform:
+    size = resolution or data.resolution
+    if train and data.crop == "random":
+        return ImageTransform(size, resize=math.ceil(size * RANDOM_CROP_SCALE), crop="random")
+    return ImageTransform(size, crop="center")
+
+
+def image_dataset(data: DataConfig, *, train: bool, seed: int, resolution: int | None = None) -> Dataset:
+    """The training (`train=True`) or validation image-caption dataset of `data` (folder or webdataset format).
+
+    Items: dict(image=(3, H, W) in [-1, 1], caption=str, key=str), H = W = `resolution` or `data.resolution`.
+    """
+    if data.format == "tokens":
+        raise ValueError("data.format is 'tokens': this needs images (format folder or webdataset)")
+    transform = image_transform(data, train=train, resolution=resolution)
+    path = data.path if train else (data.val_path or data.path)
+    split = data.split if train else data.val_split
+    if data.format == "folder":
+        return ImageCaptionDataset(path, transform, split=split, seed=seed)
+    # Webdataset shards carry no split: the validation set is the separate shard directory `data.val_path`.
+    return WebDatasetImages(path, transform, shuffle=train, seed=seed)
+
+
+def has_validation(data: DataConfig) -> bool:
+    if data.format == "webdataset":
+        return data.val_path is not None
+    return data.val_split is not None or data.val_path is not None
+
+
+def validation_items(data: DataConfig, *, limit: int, resolution: int | None = None) -> list[dict] | None:
+    """The first `limit` validation items in file order (center crops), or None when `data` has no validation set
+    or it is empty; a fixed list, so every evaluation sees the same images."""
+    if not has_validation(data):
+        return None
+    try:
+        dataset = image_dataset(data, train=False, seed=0, resolution=resolution)
+    except (FileNotFoundError, ValueError) as error:
+        warnings.warn(f"no validation set ({error}); validation is skipped", stacklevel=2)
+        return None
+    items = []
+    for item in (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset):
+        items.append(item)
+        if len(items) == limit:
+            break
+    return items or None
+
+
+def stack_images(items: list[dict]) -> torch.Tensor:
+    return torch.stack([item["image"] for item in items])  # (B, 3, H, W)
+
+
+def token_split_dir(data: DataConfig, *, train: bool) -> Path:
+    """Where `muse data tokenize` put a split's shards: `<path>/<split>` (or `val_path` for validation)."""
+    if train:
+        return Path(data.path) / (data.split or "all")
+    if data.val_path is not None:
+        return Path(data.val_path)
+    return Path(data.path) / (data.val_split or "all")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Token batches of the masked stages
+
 
 UNCONDITIONAL_FILE = "unconditional.safetensors"
 
@@ -40,9 +120,12 @@ class TokenBatch:
     text_mask: Tensor          # (B, S) bool, True = real text token
     low_tokens: Tensor | None  # (B, Ll) long, the low-res grid super-res is conditioned on; None for the base stage
 
-    def to(self, device: torch.device) -> TokenBatch:
-        low = None if self.low_tokens is None else self.low_tokens.to(device)
-        return TokenBatch(self.tokens.to(device), self.text_states.to(device), self.text_mask.to(device), low)
+    def to(self, device: torch.device, non_blocking: bool = False) -> TokenBatch:
+        """On `device`; `non_blocking` lets a copy from pinned memory overlap the work already queued on a GPU."""
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return TokenBatch(move(self.tokens), move(self.text_states), move(self.text_mask), move(self.low_tokens))
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -135,8 +218,8 @@ class TokenSource:
     def batch(self, items: dict) -> TokenBatch:
         """A collated batch of dataset items -> TokenBatch on the device."""
         if self.tokenizers is None:
-            return shard_batch(items).to(self.device)
-        return self.tokenizers.encode(items["image"].to(self.device), list(items["caption"]))
+            return shard_batch(items).to(self.device, non_blocking=True)
+        return self.tokenizers.encode(items["image"].to(self.device, non_blocking=True), list(items["caption"]))
 
     def validation(self, limit: int, batch_size: int) -> TokenBatch | None:
         """The first `limit` validation items as one CPU TokenBatch (None without a validation set)."""
@@ -221,6 +304,13 @@ def drop_text(batch: TokenBatch, unconditional: TextEmbedding, drop: Tensor) -> 
 
 
 __all__ = [
+    "RANDOM_CROP_SCALE",
+    "image_transform",
+    "image_dataset",
+    "has_validation",
+    "validation_items",
+    "stack_images",
+    "token_split_dir",
     "UNCONDITIONAL_FILE",
     "TokenBatch",
     "Tokenizers",

@@ -1,0 +1,242 @@
+"""Train the prompt scorer's heads: `muse train configs/scorer/emoji.yaml` (or `muse scorer --data DIR --out DIR`).
+
+One loop, top to bottom: setup -> model (frozen MiniLM and EfficientNet-Lite0 towers, fresh heads) -> data (the frozen
+features of the "train" split, computed once and cached) -> loop (CLIP's symmetric InfoNCE on random pairs, warmup then
+cosine) -> export (`out_dir/config.json` + `model.safetensors`, what `PromptScorer.load` reads) and `training.json`
+with retrieval on the training and held-out splits.
+
+The scorer keeps no checkpoints: it trains in seconds to minutes from the cached features, so `--resume` simply trains
+again (reusing the cache). The inference side, `PromptScorer`, stays in `muse/scorer.py`, where the pipeline and
+`muse eval` load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from muse.config import ScorerConfig, ScorerDataConfig, ScorerRun, ScorerTrainConfig
+from muse.data.folder import pick_file, read_rows
+from muse.data.images import ImageTransform, load_rgb
+from muse.scorer import CHUNK, PromptScorer, contrastive_loss, target_ranks
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """How often an image's own caption is retrieved first (top1) or among the first five (top5) out of
+    `num_candidates` captions."""
+
+    num_images: int
+    num_candidates: int
+    top1: float
+    top5: float
+
+
+@dataclass
+class ScorerTraining:
+    scorer: PromptScorer
+    final_loss: float            # mean contrastive loss over the last tenth of the steps
+    train: Retrieval             # on the training images, among all training captions
+    heldout: Retrieval | None    # on the held-out split, among its captions; None when the data has none
+    seconds: float               # wall time, feature extraction included
+
+
+@dataclass(frozen=True)
+class Features:
+    """Frozen features of one split: every row's image in each view, and each row's caption."""
+
+    images: Tensor        # (V, N, Di) one view per source size
+    texts: Tensor         # (N, Dt)
+    captions: list[str]   # (N,)
+
+
+def train(cfg: ScorerRun, resume: bool = False, keep_every: int | None = None) -> Path:
+    """The `muse train` entry point: fit per `cfg` and return the exported scorer directory, `train.out_dir`.
+    `resume` trains again from the feature cache (there is no checkpoint to continue); `keep_every` is refused."""
+    if keep_every is not None:
+        raise ValueError("the scorer keeps no checkpoints (it trains in minutes from cached features): "
+                         "drop --keep-every")
+    fit(cfg)
+    return Path(cfg.train.out_dir)
+
+
+def fit(cfg: ScorerRun) -> ScorerTraining:
+    """Fit the heads of a `PromptScorer` on the "train" split of `cfg.data.path` and save it to `cfg.train.out_dir`.
+
+    Frozen features are cached in `data.cache_dir` (default `out_dir/feature-cache`), keyed by the files, captions,
+    sizes and towers; delete it if images change in place. Rows marked `duplicate_of` are left out: the same pixels
+    under two captions would be contradicting positives. Writes `out_dir/training.json` with the returned metrics.
+    """
+    # Setup.
+    start = time.perf_counter()
+    data_dir, out = Path(cfg.data.path), Path(cfg.train.out_dir)
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir is not None else out / "feature-cache"
+    train_rows = split_rows(data_dir, "train")
+    if len(train_rows) < 2:
+        raise ValueError(f"{data_dir} has fewer than 2 usable training images; the scorer needs pairs to contrast")
+
+    # Model: the towers load in seconds, so only once the data are known good. The seed fixes the heads' init and
+    # dropout.
+    torch.manual_seed(cfg.train.seed)
+    scorer = PromptScorer(cfg.model, device=cfg.train.device)
+
+    # Data: the frozen features of the training split, from the cache when it holds them.
+    features = split_features(scorer, data_dir, train_rows, "train", cfg.data.source_sizes, cache)
+
+    # Loop.
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    heads = scorer.heads.train()
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    steps, log_every = cfg.train.steps, cfg.train.log_every
+    warmup = max(1, steps // 20)
+    n, views = len(features.captions), features.images.shape[0]
+    batch_size = min(cfg.train.batch_size, n)
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.train.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        rows = torch.randperm(n, generator=generator)[:batch_size]  # (B,) distinct pairs
+        view = torch.randint(views, (batch_size,), generator=generator)
+        text, image = heads(features.texts[rows].to(scorer.device), features.images[view, rows].to(scorer.device))
+        loss = contrastive_loss(image, text, heads.scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"scorer step {step + 1}/{steps}: loss {np.mean(losses[-log_every:]):.4f}, "
+                  f"temperature {1 / heads.scale.item():.4f}", file=sys.stderr)
+    heads.eval()
+
+    # Export and report: retrieval on both splits, from the cached features.
+    heldout_rows = split_rows(data_dir, "heldout")
+    heldout = None
+    if heldout_rows:
+        heldout = split_features(scorer, data_dir, heldout_rows, "heldout", cfg.data.source_sizes, cache)
+    result = ScorerTraining(
+        scorer=scorer,
+        final_loss=float(np.mean(losses[-max(1, steps // 10):])),
+        train=retrieval(scorer, features),
+        heldout=None if heldout is None else retrieval(scorer, heldout),
+        seconds=time.perf_counter() - start,
+    )
+    scorer.save(out)
+    report = {"data": str(data_dir), "steps": steps, "batch_size": batch_size, "lr": cfg.train.lr,
+              "weight_decay": cfg.train.weight_decay, "source_sizes": list(cfg.data.source_sizes),
+              "seed": cfg.train.seed, "final_loss": result.final_loss, "train": asdict(result.train),
+              "heldout": None if result.heldout is None else asdict(result.heldout), "seconds": result.seconds}
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return result
+
+
+def split_rows(data_dir: Path, split: str) -> list[dict]:
+    """The metadata rows of one split, without those marked `duplicate_of`."""
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {data_dir}")
+    return [r for r in read_rows(data_dir) if r.get("split", "train") == split and not r.get("duplicate_of")]
+
+
+def split_features(scorer: PromptScorer, data_dir: Path, rows: list[dict], split: str, sizes: tuple[int, ...],
+                   cache: Path) -> Features:
+    """The frozen features of one split's rows, from the cache when it holds them."""
+    files = [[pick_file(r, ImageTransform(size)) for size in sizes] for r in rows]
+    captions = [r["caption"] for r in rows]
+    c = scorer.config  # only what the frozen features depend on: the heads' settings must not invalidate the cache
+    towers = [c.text_encoder, c.text_kind, c.max_length, c.image_size]
+    key = hashlib.sha256(json.dumps([files, captions, list(sizes), towers]).encode()).hexdigest()[:16]
+    cached = cache / f"{split}-{key}.pt"
+    if cached.is_file():
+        try:
+            saved = torch.load(cached, map_location="cpu", weights_only=True)
+            return Features(saved["images"], saved["texts"], captions)
+        except Exception as e:  # noqa: BLE001 - a bad cache file is recomputed, never trusted
+            print(f"ignoring unreadable feature cache {cached}: {e}", file=sys.stderr)
+
+    print(f"scorer: extracting frozen features of {len(rows)} {split} images x {len(sizes)} views", file=sys.stderr)
+    views = []
+    for v, size in enumerate(sizes):
+        transform = ImageTransform(size)
+        feats = []
+        for start in range(0, len(rows), CHUNK):
+            batch = torch.stack([transform(load_rgb(data_dir / f[v])) for f in files[start : start + CHUNK]])
+            feats.append(scorer.image_features(batch).cpu())
+        views.append(torch.cat(feats))  # (N, Di)
+    features = Features(torch.stack(views), scorer.text_features(captions).cpu(), captions)
+
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.name + ".tmp")
+    torch.save({"images": features.images, "texts": features.texts}, tmp)
+    os.replace(tmp, cached)
+    return features
+
+
+@torch.inference_mode()
+def retrieval(scorer: PromptScorer, features: Features) -> Retrieval:
+    """Retrieval of each row's caption among the split's distinct captions, from cached features (first view)."""
+    first_row: dict[str, int] = {}  # each distinct caption -> the first row holding it
+    for row, caption in enumerate(features.captions):
+        first_row.setdefault(caption, row)
+    distinct = list(first_row)
+    index = {c: i for i, c in enumerate(distinct)}
+    first = list(first_row.values())
+    text, image = scorer.heads(features.texts[first].to(scorer.device), features.images[0].to(scorer.device))
+    similarity = (image @ text.T).cpu()  # (N, C)
+    ranks = target_ranks(similarity, torch.tensor([index[c] for c in features.captions]))
+    return Retrieval(num_images=len(ranks), num_candidates=len(distinct),
+                     top1=float((ranks < 1).float().mean()), top5=float((ranks < 5).float().mean()))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `muse scorer --data DIR --out DIR [...]`: the same run as a preset, from flags (defaults are the dataclasses').
+
+_TRAIN, _DATA = ScorerTrainConfig(out_dir=""), ScorerDataConfig(path="")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="image-caption folder (train split)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the scorer is saved")
+    parser.add_argument("--steps", type=int, default=_TRAIN.steps)
+    parser.add_argument("--batch-size", type=int, default=_TRAIN.batch_size)
+    parser.add_argument("--lr", type=float, default=_TRAIN.lr)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(_DATA.source_sizes), metavar="PX",
+                        help="source renderings used as views of each image")
+    parser.add_argument("--image-size", type=int, default=ScorerConfig.image_size, metavar="PX",
+                        help="side every image is resized to before the image tower")
+    parser.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                        help="frozen-feature cache (default: OUT/feature-cache)")
+    parser.add_argument("--seed", type=int, default=_TRAIN.seed)
+    parser.add_argument("--device", default=_TRAIN.device)
+
+
+def main(args: argparse.Namespace) -> None:
+    try:
+        cfg = ScorerRun(
+            data=ScorerDataConfig(str(args.data), tuple(args.sizes), None if args.cache is None else str(args.cache)),
+            train=dataclasses.replace(_TRAIN, out_dir=str(args.out), steps=args.steps, batch_size=args.batch_size,
+                                      lr=args.lr, seed=args.seed, device=args.device),
+            model=ScorerConfig(image_size=args.image_size),
+        )
+        result = fit(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"muse scorer: {e}") from None
+    held = result.heldout
+    held_text = "no held-out split" if held is None else \
+        f"held-out top-1 {held.top1:.3f}, top-5 {held.top5:.3f} among {held.num_candidates} captions"
+    print(f"scorer saved to {args.out} in {result.seconds:.0f} s: loss {result.final_loss:.4f}; train top-1 "
+          f"{result.train.top1:.3f}; {held_text}")
+
+
+__all__ = ["Retrieval", "ScorerTraining", "Features", "train", "fit", "split_rows", "split_features", "retrieval",
+           "add_arguments", "main"]
