@@ -150,7 +150,7 @@ def test_upscale_command_doubles_an_image_with_the_cascade(tiny_cascade, tiny_pi
 
 @pytest.mark.parametrize("argv, message", [
     (["outpaint", "x", "--image", "IMG", "--pad", "0,0,6,0"], "muse outpaint: pad (0, 0, 6, 0) must be multiples of 4"),
-    (["edit", "x", "--image", "IMG", "--strength", "2"], r"muse edit: strength must be a number in [0, 1]"),
+    (["edit", "x", "--image", "IMG", "--strength", "2"], "muse edit: --strength must be a number in [0, 1]"),
     (["edit", "x", "--image", "NOTES", "--strength", "0.5"], "notes.png is not an image file"),
     (["generate", "--num-images", "0", "x"], "--num-images must be >= 1, got 0"),
     (["generate"], "give either a prompt or --prompts FILE"),
