@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO))  # the checkout first (bench/superres.py would sha
 
 from machine import machine_info, write_report  # noqa: E402  (bench/machine.py)
 from muse.engine import Engine  # noqa: E402
-from muse.pipeline import MusePipeline, fast_bfloat16  # noqa: E402
+from muse.options import fast_bfloat16  # noqa: E402
+from muse.pipeline import MusePipeline  # noqa: E402
 
 CONCEPTS = ["red apple", "grinning face", "cat face", "fire", "rainbow", "penguin", "red heart", "sun", "rocket",
             "snowman", "pizza", "dog face", "tree", "star", "house", "car"]

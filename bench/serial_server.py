@@ -6,7 +6,6 @@ Imported as `serial_server` by bench/serve.py; not part of the package.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import io

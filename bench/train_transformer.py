@@ -1,7 +1,7 @@
 """Training throughput, peak memory and MFU of the masked-token stages: tokens/s, GiB and % of the bf16 peak.
 
 Each preset's model is built from its YAML (random weights) the way `muse/train/masked.py` builds it — blocks compiled
-with `--compile`, AdamW fused on CUDA, bf16 autocast on CUDA (unless `--fp32`), TF32 for what stays float32 — and
+with `--compile`, AdamW fused on CUDA, bf16 autocast where `fast_bfloat16` (CUDA, AMX/AVX512-BF16 CPUs; unless `--fp32`), TF32 for what stays float32 — and
 trained for `--steps` timed steps after `--warmup` untimed ones by `masked.train_step` itself: super-res corruption,
 text dropout, a mask from the shared schedule, the masked loss, AdamW with clipping and the schedule, the EMA update.
 The batch is synthetic, shaped as the preset's pre-encoded shards (token grid, text states of the encoder's width and
@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from machine import machine_info, write_report  # noqa: E402  (bench/machine.py)
 from muse.config import SuperResRun, TransformerRun, load_config  # noqa: E402
 from muse.data.sources import TokenBatch  # noqa: E402
+from muse.options import fast_bfloat16  # noqa: E402
 from muse.train import masked  # noqa: E402
 from muse.train.runtime import (  # noqa: E402
     EMA,
@@ -267,7 +268,7 @@ def run_preset(path: str, steps: int, warmup: int, batch_size: int | None, devic
         "preset": path,
         "stage": cfg.stage,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": "bf16 autocast" if device.type == "cuda" and cfg.train.mixed_precision else "float32",
+        "precision": "bf16 autocast" if cfg.train.mixed_precision and fast_bfloat16(device) else "float32",
         "compiled_blocks": compile_,
         "parameters": sum(p.numel() for p in model.parameters()),
         "batch_size": B,
@@ -294,7 +295,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (train.compile=true)")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (train.mixed_precision=false)")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast (train.mixed_precision=false)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense bf16 peak for MFU (default: looked up by device name on CUDA)")
     p.add_argument("--out", type=Path, default=None)

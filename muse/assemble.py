@@ -14,19 +14,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from muse.config import ConfigError, SuperResRun, TransformerRun, load_config
-from muse.options import SamplingOptions, add_option_arguments, given_options
-from muse.pipeline import PRECISIONS, MusePipeline, PipelineConfig
-from muse.scorer import PromptScorer
-from superres.model import SuperResTransformer
-from transformer.model import MaskedTransformer
-from transformer.text import TextEncoder
-from vqgan.model import VQGAN
+from muse.options import PRECISIONS, SamplingOptions, add_option_arguments, given_options
+
+# The models are imported where they are used, so that `muse assemble --help` starts at once.
+if TYPE_CHECKING:
+    import torch
+
+    from muse.pipeline import MusePipeline, PipelineConfig
 
 
 def _run(path: Path, stage: str) -> TransformerRun | SuperResRun:
@@ -57,6 +55,12 @@ def assemble(
     config: PipelineConfig | None = None,
 ) -> MusePipeline:
     """A pipeline from a transformer run and, optionally, the super-res run that follows it."""
+    from muse.pipeline import MusePipeline
+    from superres.model import SuperResTransformer
+    from transformer.model import MaskedTransformer
+    from transformer.text import TextEncoder
+    from vqgan.model import VQGAN
+
     base_dir = Path(transformer_run)
     base = _run(base_dir, "transformer")
     vqgan = VQGAN.from_pretrained(base.vqgan)
@@ -111,6 +115,11 @@ def write_fresh(pipe: MusePipeline, out: Path, dtype: torch.dtype | None, overwr
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from muse.pipeline import PipelineConfig
+    from muse.scorer import PromptScorer
+
     try:
         config = PipelineConfig(sampling=SamplingOptions().with_overrides(given_options(args)),
                                 precision=args.precision)

@@ -22,13 +22,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assemble": ("muse.assemble", "write a pipeline directory from a transformer run and an optional super-res run"),
     "convert": ("muse.convert", "write a musegen pipeline directory from a diffusers aMUSEd directory or hub id"),
     "eval": ("muse.evaluate", "evaluate a model: reconstruction, prompt fidelity, Frechet distance, inpainting"),
-    "scorer": ("muse.train.scorer", "train the in-house prompt scorer (best-of-N and muse eval's prompt fidelity)"),
+    "scorer": ("muse.train.run", "train the in-house prompt scorer (best-of-N and muse eval's prompt fidelity)"),
     "serve": ("muse.server", "serve generation and editing over HTTP"),
 }
 DATA_COMMANDS: dict[str, tuple[str, str]] = {
     "emoji": ("muse.data.emoji", "build the offline emoji image-caption dataset"),
     "tokenize": ("muse.data.tokenize", "pre-encode a dataset into token + text-state shards"),
 }
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help, unless the help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or action.required or default is None
+                or default is False or default == [] or default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _load(module: str, name: str):
@@ -45,7 +57,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = argv[0] if argv else None
     for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         if name == chosen:
             mod = _load(module, name)
             (getattr(mod, f"add_{name}_arguments", None) or mod.add_arguments)(p)
@@ -54,7 +66,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     data_chosen = argv[1] if chosen == "data" and len(argv) > 1 else None
     for name, (module, help_) in DATA_COMMANDS.items():
-        p = data_sub.add_parser(name, help=help_, description=help_)
+        p = data_sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         if name == data_chosen:
             mod = _load(module, f"data {name}")
             mod.add_arguments(p)

@@ -11,6 +11,7 @@ every other top-level key is one of that dataclass's fields. Loading is strict: 
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import types
 import typing
@@ -39,10 +40,16 @@ class DataConfig:
     val_split: str | None = "heldout"
     val_path: str | None = None     # defaults to `path`
     num_workers: int = 0
+    # Training captions (folder format): "canonical", each row's `caption`; "all", one item per phrasing in the
+    # row's `captions` list too (the emoji builder writes several), so prompts need not follow one template.
+    # Validation always uses the canonical caption.
+    captions: str = "canonical"
 
     def __post_init__(self) -> None:
         if self.format not in ("folder", "webdataset", "tokens"):
             raise ValueError(f"format must be folder, webdataset or tokens, got {self.format!r}")
+        if self.captions not in ("canonical", "all"):
+            raise ValueError(f"captions must be canonical or all, got {self.captions!r}")
         if self.crop not in ("center", "random"):
             raise ValueError(f"crop must be center or random, got {self.crop!r}")
 
@@ -62,7 +69,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
     grad_clip: float | None = 1.0
     ema_decay: float | None = None  # None = no EMA copy of the weights
-    mixed_precision: bool = True    # bf16 autocast, applied on CUDA only (bf16 matmuls are very slow on CPU)
+    mixed_precision: bool = True    # bf16 autocast where bf16 is fast: CUDA, AMX/AVX512-BF16 CPUs (not AVX2-only)
     # ddp: every process holds the whole model and optimizer. fsdp: PyTorch's FSDP2 shards parameters, gradients and
     # optimizer state over the processes, one unit per transformer block (masked-token stages only).
     parallel: str = "ddp"
@@ -81,6 +88,24 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        # NaN passed every comparison before (`--set train.lr=nan` trained on NaN weights): every number is checked.
+        for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("min_lr_ratio", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low
+                    and (high is None or value <= high)) or (name == "lr" and value == 0):
+                bounds = "> 0" if name == "lr" else f">= {low}" + ("" if high is None else f" and <= {high}")
+                raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a finite number > 0 or null, got {self.grad_clip!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("log_every", "val_every", "sample_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.logger not in ("tensorboard", "csv"):
             raise ValueError(f"logger must be tensorboard or csv, got {self.logger!r}")
         if self.parallel not in PARALLEL_MODES:

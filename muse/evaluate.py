@@ -26,6 +26,10 @@ prompt-fidelity numbers are left out and everything else is still measured:
   (a judge) to measure the model scorer's pick independently; when the same scorer picks and measures, its pick's
   numbers are an upper bound and the report says so.
 
+`--prompt-templates eval` generates every image from its row's caption in other words (the phrasings of
+`muse/data/captions.py`'s EVAL_TEMPLATES, which no training caption uses, in turn) and still scores it against the
+canonical captions: how much of the model survives prompts that do not follow the training template.
+
 Image i of a caption set has seed `seed + i` in every setting, so settings differ only in their options. Defaults
 are sized for a CPU run of minutes (about 4 on one thread for a pipeline the size of the emoji base model, half of it
 the best-of-N comparison); raise `--num-prompts` and the rest for tighter numbers.
@@ -45,17 +49,18 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from muse.data.folder import ImageCaptionDataset, read_rows
-from muse.data.images import ImageTransform
-from muse.options import SamplingOptions, add_option_arguments, given_options
-from muse.pipeline import PRECISIONS, MusePipeline, Scorer
-from muse.scorer import ImageFeatures, PromptScorer, ScorerConfig, target_ranks
-from sampling import feathered_composite_weights, pixel_to_token_mask
+from muse.data.captions import EVAL_TEMPLATES, caption_of
+from muse.options import PRECISIONS, SamplingOptions, add_option_arguments, given_options
+
+# torch, the pipeline and the scorer are imported where they are used, so that `muse eval --help` starts at once.
+if TYPE_CHECKING:
+    from PIL import Image
+    from torch import Tensor
+
+    from muse.pipeline import MusePipeline, Scorer
+    from muse.scorer import ImageFeatures, PromptScorer
 
 FD_LABEL = "FD-EffNetLite0, not comparable with published FID"
 REPORT_JSON = "eval.json"
@@ -76,6 +81,10 @@ class EvalConfig:
     # The sampling options of every generation (the grid's steps, guidance and one candidate replace theirs);
     # None: the pipeline's own. `options.stages` 1 stops after the base stage.
     options: SamplingOptions | None = None
+    # Prompts in other words: each evaluated image is generated from its row's caption rendered by one of these
+    # templates (muse/data/captions.py fields: {label}, {a_label}, {style}, {keywords}), in turn, and still scored
+    # against the canonical captions. Empty: the canonical captions themselves.
+    prompt_templates: tuple[str, ...] = ()
     seed: int = 0
 
     @property
@@ -93,6 +102,11 @@ class EvalConfig:
             raise ValueError(f"steps must be a non-empty list of counts >= 1, got {self.steps}")
         if self.guidance is not None and (not self.guidance or any(not g >= 0 for g in self.guidance)):
             raise ValueError(f"guidance must be a non-empty list of scales >= 0, got {self.guidance}")
+        for template in self.prompt_templates:
+            try:
+                caption_of({"label": "red apple", "style": "noto", "tags": ["fruit"]}, template)
+            except (KeyError, IndexError, ValueError) as error:
+                raise ValueError(f"prompt template {template!r} is not a caption template: {error!r}") from None
 
 
 @dataclass
@@ -164,9 +178,11 @@ class EvalReport:
 
 @dataclass(frozen=True)
 class _Pairs:
-    """Captions of one split with their real images at the evaluated resolution."""
+    """Captions of one split with their real images at the evaluated resolution, and the prompts the images are
+    generated from: the captions, or the same rows in other words (`EvalConfig.prompt_templates`)."""
 
     captions: list[str]
+    prompts: list[str]
     images: Tensor  # (N, 3, H, W) float in [-1, 1]
 
 
@@ -187,10 +203,13 @@ def evaluate(
     start = time.perf_counter()
     data_dir = Path(data_dir)
     resolution = pipe.resolution(config.stages)
-    split = _pairs(data_dir, config.split, resolution, config.num_prompts, config.seed)
+    from muse.data.folder import read_rows
+    from muse.scorer import ImageFeatures, ScorerConfig
+
+    split = _pairs(data_dir, config.split, resolution, config.num_prompts, config.seed, config.prompt_templates)
     if split is None:
         raise ValueError(f"{data_dir} has no images in split {config.split!r}")
-    train = _pairs(data_dir, "train", resolution, config.num_prompts, config.seed + 1)
+    train = _pairs(data_dir, "train", resolution, config.num_prompts, config.seed + 1, config.prompt_templates)
     all_captions = list(dict.fromkeys(row["caption"] for row in read_rows(data_dir)))
     features = scorer.image_encoder if scorer is not None else ImageFeatures(ScorerConfig.image_size).to(pipe.device)
 
@@ -208,7 +227,7 @@ def evaluate(
     if config.num_inpaint > 0:
         _log("inpainting")
         inpainting = _inpainting(pipe, scorer, _pairs(data_dir, config.split, resolution, config.num_inpaint,
-                                                      config.seed + 2), config)
+                                                      config.seed + 2, config.prompt_templates), config)
     best_of_n = None
     if scorer is not None and config.best_of > 1:
         _log(f"best-of-{config.best_of}")
@@ -240,14 +259,14 @@ def _setting(
     # One candidate per image whatever the pipeline's default: the grid measures single samples; best-of-N has its
     # own comparison below.
     options = {"num_steps": num_steps, "guidance_scale": guidance_scale, "num_candidates": 1}
-    images = _generate(pipe, split.captions, config, **options)
+    images = _generate(pipe, split.prompts, config, **options)
     generated = features(images).cpu()
     fd = None if real_features is None else frechet_distance(real_features, generated)
     split_fidelity = train_fidelity = None
     if scorer is not None:
         split_fidelity = _fidelity(scorer, scorer.project_images(generated), split.captions, all_captions, config)
         if train is not None:
-            train_images = _generate(pipe, train.captions, config, **options)
+            train_images = _generate(pipe, train.prompts, config, **options)
             train_fidelity = _fidelity(scorer, scorer.embed_images(train_images), train.captions, all_captions, config)
     return Setting(num_steps=num_steps, guidance_scale=guidance_scale, split=split_fidelity, train=train_fidelity,
                    fd=fd, seconds=time.perf_counter() - start)
@@ -255,6 +274,8 @@ def _setting(
 
 def _reconstruction(pipe: MusePipeline, data_dir: Path, config: EvalConfig) -> list[Reconstruction]:
     """PSNR of the base VQGAN at the base resolution and, in a cascade, of the super-res VQGAN at the output one."""
+    import torch
+
     if config.num_recon == 0:
         return []
     stages = [("base", pipe.vqgan, pipe.resolution(1))]
@@ -278,6 +299,11 @@ def _reconstruction(pipe: MusePipeline, data_dir: Path, config: EvalConfig) -> l
 
 
 def _inpainting(pipe: MusePipeline, scorer: PromptScorer | None, pairs: _Pairs, config: EvalConfig) -> Inpainting:
+    import numpy as np
+    import torch
+
+    from sampling import feathered_composite_weights, pixel_to_token_mask
+
     resolution = pairs.images.shape[-1]
     stride = pipe.stride(config.stages)
     # The centre square, half the side, on token boundaries, so "outside the mask" is a clean token-aligned frame.
@@ -288,9 +314,9 @@ def _inpainting(pipe: MusePipeline, scorer: PromptScorer | None, pairs: _Pairs, 
 
     results = []
     for start in range(0, len(pairs.captions), config.batch_size):
-        captions = pairs.captions[start : start + config.batch_size]
-        out = pipe.inpaint(captions, image=pairs.images[start : start + len(captions)], mask=mask,
-                           seed=[config.seed + start + i for i in range(len(captions))], options=config.options)
+        prompts = pairs.prompts[start : start + config.batch_size]
+        out = pipe.inpaint(prompts, image=pairs.images[start : start + len(prompts)], mask=mask,
+                           seed=[config.seed + start + i for i in range(len(prompts))], options=config.options)
         results.extend(out.images)
     result = torch.from_numpy(np.stack([np.asarray(im) for im in results])).permute(0, 3, 1, 2)  # (N, 3, H, W)
     original = _uint8(pairs.images)
@@ -322,15 +348,17 @@ def _inpainting(pipe: MusePipeline, scorer: PromptScorer | None, pairs: _Pairs, 
 
 def _best_of_n(pipe: MusePipeline, scorer: PromptScorer, split: _Pairs, all_captions: list[str],
                config: EvalConfig) -> BestOfN:
+    import torch
+
     n = config.best_of
     picker = pipe.scorer if pipe.scorer is not None else scorer
     recorder = _Recorder(picker, scorer)
     options = {"num_candidates": n, "batch_size": max(1, config.batch_size // n)}
-    by_scorer = _generate(pipe, split.captions, config, scorer=recorder, **options)
+    by_scorer = _generate(pipe, split.prompts, config, scorer=recorder, **options)
     default = pipe.scorer
     pipe.scorer = None  # the model's own log-likelihood
     try:
-        by_likelihood = _generate(pipe, split.captions, config, **options)
+        by_likelihood = _generate(pipe, split.prompts, config, **options)
     finally:
         pipe.scorer = default
     candidates = torch.cat(recorder.embeddings)  # (N * n, E), every candidate of every caption
@@ -352,6 +380,8 @@ class _Recorder:
         self.embeddings: list[Tensor] = []
 
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
+        import torch
+
         self.embeddings.append(self.judge.embed_images(images).cpu())
         return torch.as_tensor(self.picker(images, prompts)).cpu()
 
@@ -363,6 +393,8 @@ class _Recorder:
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """Frechet distance between Gaussians fitted to features a (N, D) and b (M, D), N, M >= 2:
     |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))."""
+    import torch
+
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
         raise ValueError(f"need two (N, D) feature sets with N >= 2 and one D, got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
@@ -382,6 +414,10 @@ def _fidelity(scorer: PromptScorer, embeddings: Tensor, prompts: Sequence[str], 
               config: EvalConfig) -> Fidelity:
     """Fidelity of images given as scorer embeddings (B, E), each against its prompt among the candidate captions:
     the distinct prompts first, then distractors from `all_captions` (a fixed shuffle) up to `config.candidates`."""
+    import torch
+
+    from muse.scorer import target_ranks
+
     own = list(dict.fromkeys(prompts))
     taken = set(own)
     distractors = [c for c in all_captions if c not in taken]
@@ -408,19 +444,38 @@ def _generate(pipe: MusePipeline, prompts: list[str], config: EvalConfig, *, bat
     return images
 
 
-def _pairs(data_dir: Path, split: str, resolution: int, n: int, seed: int) -> _Pairs | None:
+def _pairs(data_dir: Path, split: str, resolution: int, n: int, seed: int,
+           templates: Sequence[str] = ()) -> _Pairs | None:
     """Up to n rows of a split (a fixed random sample, in folder order), None when the split has none. Rows marked
-    `duplicate_of` are left out: their pixels are another row's."""
+    `duplicate_of` are left out: their pixels are another row's. Row i's prompt is its caption, or with `templates`
+    its caption_of(row, templates[i % len(templates)])."""
+    import torch
+
+    from muse.data.folder import ImageCaptionDataset
+    from muse.data.images import ImageTransform
+
     dataset = ImageCaptionDataset(data_dir, ImageTransform(resolution), split=split, drop_duplicates=True)
     if len(dataset) == 0:
         return None
     chosen = sorted(random.Random(seed).sample(range(len(dataset)), min(n, len(dataset))))
     items = [dataset[i] for i in chosen]
-    return _Pairs(captions=[item["caption"] for item in items], images=torch.stack([item["image"] for item in items]))
+    captions = [item["caption"] for item in items]
+    if templates:
+        for i in chosen:
+            missing = [key for key in ("label", "style") if key not in dataset.rows[i]]
+            if missing:
+                raise ValueError(f"prompt templates need each row's label and style; in {data_dir}, the row of "
+                                 f"{dataset.rows[i].get('file')!r} has no {missing[0]!r}")
+        prompts = [caption_of(dataset.rows[i], templates[k % len(templates)]) for k, i in enumerate(chosen)]
+    else:
+        prompts = captions
+    return _Pairs(captions=captions, prompts=prompts, images=torch.stack([item["image"] for item in items]))
 
 
 def _uint8(images: Tensor) -> Tensor:
     """(B, 3, H, W) in [-1, 1] -> uint8, the same rounding as the pipeline's output images."""
+    import torch
+
     return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -450,10 +505,15 @@ def markdown(report: EvalReport) -> str:
     lines = [f"# muse eval: {report.model or 'model'} on {report.data} ({split})", ""]
     if report.scorer is None:
         lines += [("No prompt scorer: fidelity is not measured (pass --scorer, or train one with "
-                   "`python -m muse.scorer`)."), ""]
+                   "`muse scorer`)."), ""]
     else:
         lines += [(f"Scorer: {report.scorer}. Fidelity: mean cosine score, and top-1 / top-5 retrieval of the "
                    "prompt among the candidate captions."), ""]
+    templates = report.config.get("prompt_templates")
+    if templates:
+        lines += [("Prompts in other words: each image generated from its row's caption in one of the templates "
+                   + ", ".join(f"`{t}`" for t in templates) + " (in turn), scored against the canonical captions."),
+                  ""]
     for r in report.reconstruction:
         lines.append(f"Reconstruction ({r.vqgan} VQGAN, {r.resolution} px, {r.num_images} images): "
                      f"PSNR {_num(r.psnr, 2)} dB")
@@ -519,9 +579,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images for the reconstruction PSNR (0 skips it)")
     parser.add_argument("--num-inpaint", type=int, default=defaults.num_inpaint, metavar="N",
                         help="images for inpainting (0 skips it)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
+                        help="images per pipeline call")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="image i of a caption set has seed SEED + i")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--prompt-templates", nargs="+", default=list(defaults.prompt_templates), metavar="TEMPLATE",
+                        help="generate from the rows' captions in other words: caption templates over {label}, "
+                             "{a_label}, {style} and {keywords}, used in turn, or 'eval' for the held-out phrasings "
+                             "of muse/data/captions.py that training never sees (default: the canonical captions)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="arithmetic of the token models, to measure it (default: the model's config.precision)")
     # Every other sampling option as for `muse generate`; the grid sets the steps, the guidance and one candidate.
@@ -529,19 +594,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        SamplingOptions().with_overrides(given_options(args))  # checked before the model loads
-        pipe = MusePipeline.from_pretrained(args.model)
-        if args.precision is not None:
-            pipe.config = dataclasses.replace(pipe.config, precision=args.precision)
-        pipe.to(device)
+        # Every argument is checked before the model loads.
+        SamplingOptions().with_overrides(given_options(args))
         config = EvalConfig(
             split=args.split, num_prompts=args.num_prompts, steps=tuple(args.steps),
             guidance=None if args.guidance is None else tuple(args.guidance), candidates=args.candidates,
             best_of=args.best_of, num_recon=args.num_recon, num_inpaint=args.num_inpaint,
-            batch_size=args.batch_size, options=pipe.options(**given_options(args)), seed=args.seed,
+            batch_size=args.batch_size, seed=args.seed,
+            prompt_templates=tuple(t for name in args.prompt_templates
+                                   for t in (EVAL_TEMPLATES if name == "eval" else [name])),
         )
+        import torch
+
+        from muse.pipeline import MusePipeline
+        from muse.scorer import PromptScorer
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = MusePipeline.from_pretrained(args.model)
+        if args.precision is not None:
+            pipe.config = dataclasses.replace(pipe.config, precision=args.precision)
+        pipe.to(device)
+        config = dataclasses.replace(config, options=pipe.options(**given_options(args)))
         scorer = PromptScorer.load(args.scorer, device=device) if args.scorer is not None else pipe.scorer
         scorer_name = args.scorer if args.scorer is not None else (None if scorer is None else "the model's scorer/")
         report = evaluate(pipe, args.data, config, scorer=scorer, model_name=args.model or "the bundled model",

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
 import os
 import random
@@ -61,7 +60,7 @@ from muse.bundled import DEFAULT_PRESET, PIPELINE_FILE, bundled_presets
 from muse.components import ROLES, kind_of, load_component, parse_components
 from muse.data.images import to_rgb
 from muse.engine import Engine, Event, Job, Task, TaskHandle, TaskSteps, forward_rows, rows_per_forward, split_rows
-from muse.options import Limits, SamplingOptions, option_names
+from muse.options import PRECISIONS, Limits, SamplingOptions, fast_bfloat16, option_names
 from sampling import (
     Window,
     composite,
@@ -88,7 +87,6 @@ TEXT_ENCODER_FILE = "text_encoder.json"
 TEXT_ENCODER_DIR = "text_encoder"  # a local text encoder is copied here so the saved pipeline is self-contained
 
 EDIT_MODES = ("random", "confidence")
-PRECISIONS = ("float32", "bfloat16", "auto")
 MAX_SEED = 2**32  # seeds are 32-bit so that sub-streams (windows, stages, edit rounds) can use the high word
 
 # One image (or mask) in any of these forms, or a list of them of one size.
@@ -181,16 +179,6 @@ class _Call:
     def repeat(self, x: Tensor) -> Tensor:
         """(N, ...) inputs, one per prompt, -> (B, ...): each repeated for its images and candidates."""
         return x.repeat_interleave(self.batch_size // x.shape[0], dim=0)
-
-
-def fast_bfloat16(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 matrices much faster than float32: measured about 4-5x on CPUs with AMX
-    or AVX512-BF16 (and hundreds of times slower on AVX2-only CPUs, which emulate it)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    return False
 
 
 class MusePipeline:

@@ -56,25 +56,30 @@ WEB = Path(__file__).resolve().parent / "web"  # the editor's static files
 PREVIEW_SHARE = 0.2  # previews may take this share of a request's decoding time, which sets `preview_every`
 
 
+def _setting(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ServerSettings:
-    """Limits and timeouts of one server; `muse serve --help` lists them as flags."""
+    """Limits and timeouts of one server; `muse serve --help` lists them as flags, with these texts."""
 
-    max_rows: int = 64               # forward rows in flight in the engine (a guided image counts twice)
-    max_queued: int = 64             # tasks waiting for the engine; beyond: 429 with Retry-After
-    max_images: int = 16             # images per request, candidates included
-    max_steps: int = 100             # num_steps and superres_steps
-    max_candidates: int = 8          # num_candidates
-    max_pixels: int = 512 * 512      # an input image's width x height, and an outpainted canvas's
-    max_pad: int = 256               # pixels added on any side by /outpaint
-    max_iterations: int = 8          # /edit iterations
-    max_body_bytes: int = 16 << 20   # request body
-    request_timeout: float = 120.0   # seconds from arrival to the result; past it the task is cancelled (504)
-    body_timeout: float = 10.0       # seconds for a client to send its headers, and then its whole body (408)
-    keep_alive: int = 5              # seconds an idle connection stays open
-    backlog: int = 2048              # connections the kernel queues before accepting
-    preview_every: int | None = None  # steps between stream previews; None: measured at start-up (PREVIEW_SHARE)
-    retry_after: int = 1             # seconds, in 429 replies
+    max_rows: int = _setting(64, "forward rows in flight in the engine (a guided image counts twice)")
+    max_queued: int = _setting(64, "tasks waiting for the engine; beyond: 429 with Retry-After")
+    max_images: int = _setting(16, "most images per request, candidates included")
+    max_steps: int = _setting(100, "most num_steps and superres_steps a request may ask")
+    max_candidates: int = _setting(8, "most num_candidates a request may ask")
+    max_pixels: int = _setting(512 * 512, "largest input image, width x height, and outpainted canvas")
+    max_pad: int = _setting(256, "most pixels /outpaint adds on any side")
+    max_iterations: int = _setting(8, "most /edit iterations")
+    max_body_bytes: int = _setting(16 << 20, "largest request body, in bytes")
+    request_timeout: float = _setting(120.0, "seconds from arrival to the result; past it the task is cancelled (504)")
+    body_timeout: float = _setting(10.0, "seconds for a client to send its headers, and then its whole body (408)")
+    keep_alive: int = _setting(5, "seconds an idle connection stays open")
+    backlog: int = _setting(2048, "connections the kernel queues before accepting")
+    # None: measured at start-up, so that previews take at most PREVIEW_SHARE of a stream's time.
+    preview_every: int | None = _setting(None, "steps between stream previews (default: measured at start-up)")
+    retry_after: int = _setting(1, "seconds, in 429 replies")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -615,7 +620,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ServerSettings):
         kind = float if isinstance(f.default, float) else int
         group.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name),
-                           metavar="N", help=f"(default: {getattr(defaults, f.name)})")
+                           metavar="N", help=f.metadata["help"] + ("" if f.default is None else " (default: %(default)s)"))
 
 
 def main(args: argparse.Namespace) -> None:

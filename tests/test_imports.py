@@ -20,8 +20,9 @@ ALLOWED = {
 # muse modules (a file or a folder, dotted) -> the muse modules they may import; prefixes match submodules.
 MUSE_ALLOWED = {
     "muse.config": set(),
+    "muse.options": set(),
     "muse.data": {"muse.config", "muse.data"},
-    "muse.train.runtime": {"muse.config"},
+    "muse.train.runtime": {"muse.config", "muse.options"},
 }
 TRAIN_LOOPS = {"muse.train.vqgan", "muse.train.masked", "muse.train.scorer"}
 

@@ -33,7 +33,8 @@ class ImageCaptionDataset(Dataset):
     `split` keeps only rows of that split ("train", "heldout", ...); `drop_duplicates` leaves out rows whose
     `duplicate_of` is set. Random crops draw from a generator seeded by (seed, epoch, index), so the same seed gives the
     same crops whatever the number of workers; call `set_epoch` to get new crops each epoch. The kept metadata records
-    are in `rows` (same order as the items) for anything the items leave out.
+    are in `rows` (same order as the items) for anything the items leave out. With `all_captions`, a row with a
+    `captions` list (other phrasings of its caption) is one item per phrasing, the canonical `caption` among them.
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class ImageCaptionDataset(Dataset):
         split: str | None = None,
         drop_duplicates: bool = False,
         seed: int = 0,
+        all_captions: bool = False,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -65,16 +67,24 @@ class ImageCaptionDataset(Dataset):
         self.rows: list[dict] = []
         self.paths: list[Path] = []
         self.keys: list[str] = []
+        self.captions: list[str] = []
         bad: list[str] = []
         for row in candidates:
             path = self.root / pick_file(row, transform)
-            if readable(path):
+            if not readable(path):
+                bad.append(str(path.relative_to(self.root)))
+                continue
+            default_key = path.relative_to(self.root).with_suffix("").as_posix()
+            phrasings = captions_of(row) if all_captions else [row["caption"]]
+            for k, caption in enumerate(phrasings):
                 self.rows.append(row)
                 self.paths.append(path)
-                default_key = path.relative_to(self.root).with_suffix("").as_posix()
-                self.keys.append(str(row.get("id", default_key)))
-            else:
-                bad.append(str(path.relative_to(self.root)))
+                key = str(row.get("id", default_key))
+                self.keys.append(key if k == 0 else f"{key}#{k}")  # one key per item, the canonical one unmarked
+                self.captions.append(caption)
+        if bad and not self.rows:
+            raise ValueError(f"{self.root}: none of the {len(candidates)} images could be read (e.g. {bad[0]}): "
+                             "missing, truncated or not images")
         if bad:
             shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
             warnings.warn(
@@ -89,6 +99,9 @@ class ImageCaptionDataset(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        if not -len(self.rows) <= index < len(self.rows):
+            raise IndexError(f"index {index} out of range for {len(self.rows)} items")  # ends `for item in dataset`
+        index %= len(self.rows)
         # Files checked at construction can still go bad (replaced or truncated while training); then the next
         # readable item stands in, so a long run loses one sample instead of crashing.
         for offset in range(len(self.rows)):
@@ -100,7 +113,7 @@ class ImageCaptionDataset(Dataset):
                 continue
             return {
                 "image": self.transform(image, rng_for(self.seed, self.epoch, index)),
-                "caption": self.rows[i]["caption"],
+                "caption": self.captions[i],
                 "key": self.keys[i],
             }
         raise RuntimeError(f"no readable images left in {self.root}")
@@ -136,6 +149,12 @@ def read_rows(root: Path) -> list[dict]:
             caption = caption_file.read_text(encoding="utf-8").strip()
             rows.append({"file": path.relative_to(root).as_posix(), "caption": caption})
     return rows
+
+
+def captions_of(row: dict) -> list[str]:
+    """A row's phrasings: its `caption`, then the other strings of its `captions` list, without repeats."""
+    others = row.get("captions") if isinstance(row.get("captions"), list) else []
+    return list(dict.fromkeys([row["caption"], *(c for c in others if isinstance(c, str) and c.strip())]))
 
 
 def _check_inside(root: Path, file: object, where: str) -> None:

@@ -64,7 +64,8 @@ def image_dataset(data: DataConfig, *, train: bool, seed: int, resolution: int |
     path = data.path if train else (data.val_path or data.path)
     split = data.split if train else data.val_split
     if data.format == "folder":
-        return ImageCaptionDataset(path, transform, split=split, seed=seed)
+        return ImageCaptionDataset(path, transform, split=split, seed=seed,
+                                   all_captions=train and data.captions == "all")
     # Webdataset shards carry no split: the validation set is the separate shard directory `data.val_path`.
     return WebDatasetImages(path, transform, shuffle=train, seed=seed)
 

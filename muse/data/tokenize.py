@@ -17,14 +17,15 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
-
-import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from muse.config import ConfigError, SuperResRun, TransformerRun, load_config
-from muse.data.sources import Tokenizers, has_validation, image_dataset, save_unconditional
-from muse.data.tokens import TokenShardWriter
+
+# torch and the models are imported where they are used, so that `muse data tokenize --help` starts at once.
+if TYPE_CHECKING:
+    import torch
+
+    from muse.data.sources import Tokenizers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set data.path=data/emoji (repeatable)")
     parser.add_argument("--batch-size", type=int, default=64, help="images encoded per forward pass")
-    parser.add_argument("--items-per-shard", type=int, default=4096)
+    parser.add_argument("--items-per-shard", type=int, default=4096, help="items per safetensors shard file")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in the output directory")
 
 
@@ -48,6 +49,10 @@ def main(args: argparse.Namespace) -> None:
     if cfg.data.format == "tokens":
         raise SystemExit("muse data tokenize: the config's data is already tokens; point it at the images with "
                          "--set data.format=folder --set data.path=DIR")
+    import torch
+
+    from muse.data.sources import Tokenizers, has_validation, save_unconditional
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizers = Tokenizers.load(cfg, device)
     splits = {cfg.data.split or "all": True}
@@ -60,10 +65,16 @@ def main(args: argparse.Namespace) -> None:
     print(f"train from them with: muse train {args.config} --set data.format=tokens --set data.path={args.out}")
 
 
-@torch.no_grad()
 def tokenize_split(cfg: TransformerRun | SuperResRun, tokenizers: Tokenizers, split: str, train: bool,
                    out: Path, device: torch.device, args: argparse.Namespace) -> int:
     """Encode one split into shards under `out`; returns the number of items written."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from muse.data.sources import image_dataset
+    from muse.data.tokens import TokenShardWriter
+
     # Center crops for every split: the shards are a fixed encoding of the data set.
     dataset = image_dataset(replace(cfg.data, crop="center"), train=train, seed=cfg.train.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
@@ -75,7 +86,8 @@ def tokenize_split(cfg: TransformerRun | SuperResRun, tokenizers: Tokenizers, sp
         total = len(dataset) if hasattr(dataset, "__len__") else None
         for items in tqdm(loader, desc=f"tokenize {split}", total=None if total is None else len(loader),
                           file=sys.stderr):
-            batch = tokenizers.encode(items["image"].to(device), list(items["caption"]))
+            with torch.no_grad():
+                batch = tokenizers.encode(items["image"].to(device), list(items["caption"]))
             B = len(batch)
             writer.add(
                 keys=list(items["key"]),

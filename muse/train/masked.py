@@ -81,7 +81,7 @@ def train(cfg: TransformerRun | SuperResRun, resume: bool = False, keep_every: i
     # Model (1: the class), parallelized; the EMA copy is taken after every rank holds rank 0's weights.
     model = (SuperResTransformer(cfg.model) if superres else MaskedTransformer(cfg.model)).to(rt.device)
     if cfg.train.init_from and not saved:
-        start_from_weights(model, cfg.train.init_from)
+        start_from_weights(model, cfg.train.init_from, cfg.stage)
     if cfg.train.compile:
         compile_blocks(transformer_blocks(model))
     net = parallelize(StageNet(model), fsdp_units(model), rt, cfg.train)

@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from muse.config import TrainConfig, config_to_dict
+from muse.options import fast_bfloat16
 from transformer.saving import load_weights
 
 # ====================================================================================================================
@@ -269,11 +270,24 @@ def shard_like(full: Tensor, like: Tensor | None) -> Tensor:
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
-def start_from_weights(model: nn.Module, path: str | Path) -> None:
-    """Start `model` from the weights saved in the directory `path` (`model.safetensors`, any float dtype): every
-    tensor must exist with the same shape, else ValueError naming it. Only the weights are taken; optimiser, schedule
-    and step start fresh, and settings without weights (dropout) come from the run's own config."""
-    load_weights(path, model)
+def start_from_weights(model: nn.Module, path: str | Path, component: str) -> None:
+    """Start `model` from the weights saved in `path` (`model.safetensors`, any float dtype): a model directory, or
+    a training run directory (its exported `component/`), or a pipeline directory (its `component/`). Every tensor
+    must exist with the same shape, else ValueError naming it. Only the weights are taken; optimiser, schedule and
+    step start fresh, and settings without weights (dropout) come from the run's own config."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.init_from {path} is not a directory")
+    if not (path / "model.safetensors").is_file() and (path / component / "model.safetensors").is_file():
+        path = path / component  # a run directory (its export) or a pipeline directory
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"train.init_from {path} holds no model.safetensors (nor {component}/ with one): "
+                                "give a model directory, a run directory or a pipeline directory")
+    try:
+        load_weights(path, model)
+    except ValueError as e:
+        raise ValueError(f"train.init_from {path} does not fit this run's model ({e}); init_from needs a model of "
+                         "the same architecture and size") from None
 
 
 class EMA:
@@ -415,12 +429,13 @@ def clip_and_step(optimizer: torch.optim.Optimizer, grad_clip: float | None) -> 
 
 
 def autocast(rt: Runtime, train: TrainConfig) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when `mixed_precision` is on; a no-op on CPU, where bf16 matmuls are slower than fp32.
+    """bf16 autocast when `mixed_precision` is on and the device multiplies bf16 fast: CUDA, and CPUs with AMX or
+    AVX512-BF16 (`fast_bfloat16`); a no-op on AVX2-only CPUs, where bf16 matmuls are hundreds of times slower.
 
     Also under FSDP's bf16 policy: the weights then arrive in bf16 already, and autocast keeps the ops it lists as
     float32 (LayerNorm, softmax, the loss) in float32."""
-    if train.mixed_precision and rt.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if train.mixed_precision and rt.device.type in ("cuda", "cpu") and fast_bfloat16(rt.device):
+        return torch.autocast(rt.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -12,8 +12,6 @@ again (reusing the cache). The inference side, `PromptScorer`, stays in `muse/sc
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -27,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from muse.config import ScorerConfig, ScorerDataConfig, ScorerRun, ScorerTrainConfig
+from muse.config import ScorerRun
 from muse.data.folder import pick_file, read_rows
 from muse.data.images import ImageTransform, load_rgb
 from muse.scorer import CHUNK, PromptScorer, contrastive_loss, target_ranks
@@ -198,45 +196,4 @@ def retrieval(scorer: PromptScorer, features: Features) -> Retrieval:
                      top1=float((ranks < 1).float().mean()), top5=float((ranks < 5).float().mean()))
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# `muse scorer --data DIR --out DIR [...]`: the same run as a preset, from flags (defaults are the dataclasses').
-
-_TRAIN, _DATA = ScorerTrainConfig(out_dir=""), ScorerDataConfig(path="")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="image-caption folder (train split)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the scorer is saved")
-    parser.add_argument("--steps", type=int, default=_TRAIN.steps)
-    parser.add_argument("--batch-size", type=int, default=_TRAIN.batch_size)
-    parser.add_argument("--lr", type=float, default=_TRAIN.lr)
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(_DATA.source_sizes), metavar="PX",
-                        help="source renderings used as views of each image")
-    parser.add_argument("--image-size", type=int, default=ScorerConfig.image_size, metavar="PX",
-                        help="side every image is resized to before the image tower")
-    parser.add_argument("--cache", type=Path, default=None, metavar="DIR",
-                        help="frozen-feature cache (default: OUT/feature-cache)")
-    parser.add_argument("--seed", type=int, default=_TRAIN.seed)
-    parser.add_argument("--device", default=_TRAIN.device)
-
-
-def main(args: argparse.Namespace) -> None:
-    try:
-        cfg = ScorerRun(
-            data=ScorerDataConfig(str(args.data), tuple(args.sizes), None if args.cache is None else str(args.cache)),
-            train=dataclasses.replace(_TRAIN, out_dir=str(args.out), steps=args.steps, batch_size=args.batch_size,
-                                      lr=args.lr, seed=args.seed, device=args.device),
-            model=ScorerConfig(image_size=args.image_size),
-        )
-        result = fit(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"muse scorer: {e}") from None
-    held = result.heldout
-    held_text = "no held-out split" if held is None else \
-        f"held-out top-1 {held.top1:.3f}, top-5 {held.top5:.3f} among {held.num_candidates} captions"
-    print(f"scorer saved to {args.out} in {result.seconds:.0f} s: loss {result.final_loss:.4f}; train top-1 "
-          f"{result.train.top1:.3f}; {held_text}")
-
-
-__all__ = ["Retrieval", "ScorerTraining", "Features", "train", "fit", "split_rows", "split_features", "retrieval",
-           "add_arguments", "main"]
+__all__ = ["Retrieval", "ScorerTraining", "Features", "train", "fit", "split_rows", "split_features", "retrieval"]

@@ -60,7 +60,7 @@ def train(cfg: VQGANRun, resume: bool = False, keep_every: int | None = None) ->
     # DDP and the broadcast make every rank start from rank 0's weights; the EMA copy is taken after that.
     vqgan = VQGAN(cfg.model).to(rt.device)
     if cfg.train.init_from and not saved:
-        start_from_weights(vqgan, cfg.train.init_from)
+        start_from_weights(vqgan, cfg.train.init_from, "vqgan")
     model = wrap_ddp(vqgan, rt)
     ema = EMA(vqgan, cfg.train.ema_decay) if cfg.train.ema_decay else None
     losses = VQGANLoss(cfg.loss).to(rt.device)

@@ -243,3 +243,24 @@ def test_token_shards_keep_large_ids_and_refuse_mixing(tmp_path):
         TokenShardWriter(tmp_path)
     with pytest.raises(FileNotFoundError):
         TokenShardDataset(tmp_path / "empty")
+
+
+def test_all_captions_makes_one_item_per_phrasing(tmp_path):
+    from PIL import Image
+
+    from muse.data.folder import ImageCaptionDataset
+    from muse.data.images import ImageTransform
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "b.png")
+    rows = [{"file": "a.png", "caption": "red apple, noto style",
+             "captions": ["red apple, noto style", "a red apple, noto style", "noto style red apple"]},
+            {"file": "b.png", "caption": "blue sky, noto style"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    canonical = ImageCaptionDataset(tmp_path, ImageTransform(8))
+    every = ImageCaptionDataset(tmp_path, ImageTransform(8), all_captions=True)
+    assert [item["caption"] for item in canonical] == ["red apple, noto style", "blue sky, noto style"]
+    assert [every[i]["caption"] for i in range(len(every))] == [
+        "red apple, noto style", "a red apple, noto style", "noto style red apple", "blue sky, noto style"]
+    assert len(set(every.keys)) == 4 and every.keys[0] == canonical.keys[0]
+    assert torch.equal(every[1]["image"], every[0]["image"])

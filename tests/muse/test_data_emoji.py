@@ -12,7 +12,7 @@ import random
 import shutil
 import subprocess
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 import pytest

@@ -134,6 +134,29 @@ def test_bad_settings_raise(tiny_pipe, data_dir):
         evaluate(tiny_pipe, data_dir, EvalConfig(split="valid"))
 
 
+def test_prompts_in_other_words_are_generated_reworded_and_scored_against_the_captions(tmp_path):
+    from muse.evaluate import _pairs
+
+    for i, (label, style) in enumerate([("red apple", "noto"), ("blue house", "twemoji")]):
+        Image.new("RGB", (16, 16), "white").save(tmp_path / f"{i}.png")
+    rows = [{"file": f"{i}.png", "caption": f"{label}, {style} style", "label": label, "style": style,
+             "split": "heldout"} for i, (label, style) in enumerate([("red apple", "noto"), ("blue house", "twemoji")])]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs = _pairs(tmp_path, "heldout", 16, 2, seed=0, templates=("the {style} {label}", "{label} ({style})"))
+    assert pairs.captions == ["red apple, noto style", "blue house, twemoji style"]
+    assert pairs.prompts == ["the noto red apple", "blue house (twemoji)"]
+    assert _pairs(tmp_path, "heldout", 16, 2, seed=0).prompts == pairs.captions
+    with pytest.raises(ValueError, match="prompt template '{colour} thing' is not a caption template"):
+        EvalConfig(prompt_templates=("{colour} thing",))
+
+
+def test_prompt_templates_need_labelled_rows(data_dir):
+    from muse.evaluate import _pairs
+
+    with pytest.raises(ValueError, match="need each row's label and style.*has no 'label'"):
+        _pairs(data_dir, "heldout", 16, 2, seed=0, templates=("the {style} {label}",))
+
+
 def test_frechet_distance_of_gaussians():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(400, 6, generator=g)

@@ -176,7 +176,6 @@ def test_cascade_generates_high_res_and_stops_after_base_on_request(tiny_cascade
 
 
 def test_a_pipeline_can_default_to_its_base_stage(tiny_cascade, tiny_pipe, tmp_path):
-    import dataclasses
 
     base_first = MusePipeline(tiny_cascade.vqgan, tiny_cascade.text_encoder, tiny_cascade.transformer,
                               tiny_cascade.superres, config=tiny_cascade.config.with_sampling(stages=1))

@@ -63,7 +63,6 @@ def test_one_candidate_is_plain_generation(tiny_pipe):
 
 
 def test_a_pipeline_can_pick_the_best_of_n_by_default(tiny_pipe, tmp_path):
-    import dataclasses
 
     picky = MusePipeline(tiny_pipe.vqgan, tiny_pipe.text_encoder, tiny_pipe.transformer,
                          config=tiny_pipe.config.with_sampling(num_candidates=3))

@@ -3,7 +3,6 @@ result or raises one of its documented errors (ValueError or TypeError, naming t
 inside torch, never a silent wrong shape."""
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
