@@ -76,7 +76,7 @@ from superres.model import SuperResTransformer
 from transformer.config import TextEncoderConfig
 from transformer.model import MaskedTransformer, TextContext
 from transformer.saving import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_config, read_weights
-from transformer.text import MINILM_ALIAS, TextEmbedding, TextEncoder, check_text, quiet_transformers
+from transformer.text import MINILM_ALIAS, TextEmbedding, TextEncoder, check_text
 from vqgan.model import VQGAN
 
 if TYPE_CHECKING:  # the second architecture's classes load through muse.components, when a pipeline uses them
@@ -429,9 +429,7 @@ class MusePipeline:
         text_config = self.text_encoder.config
         if text_config.name_or_path != MINILM_ALIAS and Path(self.text_encoder.source).is_dir():
             # A local model would not exist on another machine: ship a copy and point at it (relative to `path`).
-            with quiet_transformers():
-                self.text_encoder.model.save_pretrained(path / TEXT_ENCODER_DIR)
-                self.text_encoder.tokenizer.save_pretrained(path / TEXT_ENCODER_DIR)
+            self.text_encoder.save_pretrained(path / TEXT_ENCODER_DIR)
             text_config = dataclasses.replace(text_config, name_or_path=TEXT_ENCODER_DIR)
         _write_json(path / TEXT_ENCODER_FILE, dataclasses.asdict(text_config))
         target = path / SCORER_DIR

@@ -7,7 +7,8 @@
     clip = TextEncoder(TextEncoderConfig("path/to/amused-256", kind="clip"))
     text = clip(["a red apple"])                      # states (1, 77, 768), mask all True, pooled (1, 768)
 
-Every prompt is padded to `max_length`, so rows from different calls stack, and each row is cached (LRU): a prompt
+A local BERT directory (the bundled MiniLM among them) is run by `transformer/bert.py`, which needs no
+`transformers` import; every other model by `transformers`. Every prompt is padded to `max_length`, so rows from different calls stack, and each row is cached (LRU): a prompt
 seen before, such as the empty prompt used for guidance at every sampling call, is not encoded again. States are
 returned in the encoder's dtype; the transformer casts them to its own. (T5 v1.1 overflows in float16: use bfloat16.)
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import warnings
 from collections import OrderedDict
@@ -24,20 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
-from huggingface_hub import constants as hub_constants
-from torch import Tensor
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoTokenizer,
-    CLIPTextModelWithProjection,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    T5EncoderModel,
-)
+from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import Tensor
+
+from transformer import bert
 from transformer.config import TextEncoderConfig
+
+# transformers is imported only to load a model bert.py does not implement: importing it takes seconds.
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MINILM_ALIAS = "minilm"
 
@@ -76,9 +75,10 @@ class TextEncoder:
         if self.tokenizer.pad_token is None:
             raise ValueError(f"the tokenizer of {config.name_or_path!r} has no padding token")
         self.model.requires_grad_(False).eval().to(device)
-        if config.kind == "clip" and config.max_length > self.model.config.max_position_embeddings:
-            raise ValueError(f"max_length {config.max_length} exceeds the {self.model.config.max_position_embeddings} "
-                             f"positions of the CLIP text encoder {config.name_or_path!r}")
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if config.kind != "t5" and positions is not None and config.max_length > positions:
+            raise ValueError(f"max_length {config.max_length} exceeds the {positions} positions of the text "
+                             f"encoder {config.name_or_path!r}")
         self._cache: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor | None]] = OrderedDict()
 
     @property
@@ -104,6 +104,19 @@ class TextEncoder:
         self.model.to(device=device, dtype=dtype)
         self._cache.clear()
         return self
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the model and tokenizer files into `directory`, loadable as a local text encoder."""
+        directory = Path(directory)
+        if isinstance(self.model, bert.BertEncoder):
+            directory.mkdir(parents=True, exist_ok=True)
+            for name in bert.FILES:  # what bert.py reads, copied as they are (the weights untouched)
+                if (Path(self.source) / name).is_file():
+                    shutil.copyfile(Path(self.source) / name, directory / name)
+            return
+        with quiet_transformers():
+            self.model.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -147,6 +160,12 @@ class TextEncoder:
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor | None]:
         self._warn_truncated(prompts)
+        if isinstance(self.model, bert.BertEncoder):
+            ids, mask = self.tokenizer(prompts, self.config.max_length)  # (B, S), (B, S)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            with torch.inference_mode():
+                states = self.model(ids, mask)  # (B, S, D)
+            return states.masked_fill(~mask[..., None], 0.0), mask, None
         batch = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.config.max_length, return_tensors="pt"
         )
@@ -167,11 +186,15 @@ class TextEncoder:
     def _warn_truncated(self, prompts: list[str]) -> None:
         """Warn, once per prompt (encoded rows are cached), when a prompt is longer than `max_length` tokens."""
         limit = self.config.max_length
-        for prompt, ids in zip(prompts, self.tokenizer(prompts, truncation=False)["input_ids"]):
-            if len(ids) > limit:
+        if isinstance(self.tokenizer, bert.BertTokenizer):
+            lengths = self.tokenizer.lengths(prompts)
+        else:
+            lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
+        for prompt, length in zip(prompts, lengths):
+            if length > limit:
                 shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-                warnings.warn(f"the prompt {shown!r} is {len(ids)} tokens long; the text encoder reads the first "
-                              f"{limit}, so {len(ids) - limit} are dropped", stacklevel=4)
+                warnings.warn(f"the prompt {shown!r} is {length} tokens long; the text encoder reads the first "
+                              f"{limit}, so {length - limit} are dropped", stacklevel=4)
 
     def _remember(self, key: tuple, row: tuple[Tensor, Tensor, Tensor | None]) -> None:
         if self.cache_size == 0:
@@ -244,10 +267,18 @@ def _local_sources(directory: Path) -> tuple[str, str]:
                             "(nor text_encoder/config.json)")
 
 
-def _load(source: str, kind: str, dtype: torch.dtype, local: bool) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+def _load(source: str, kind: str, dtype: torch.dtype, local: bool) -> tuple[Any, Any]:
+    """(tokenizer, model): bert.py's for a local BERT directory it implements (kind auto), else transformers'
+    (PreTrainedTokenizerBase, PreTrainedModel)."""
     model_source, tokenizer_source = _local_sources(Path(source)) if local else (source, source)
+    if local and kind == "auto" and model_source == tokenizer_source and bert.supported(model_source):
+        try:
+            return bert.BertTokenizer(model_source), bert.BertEncoder.from_pretrained(model_source, dtype)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise OSError(f"could not load the text encoder from {source}: {e}") from None
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-    def load(local_files_only: bool):
+    def load(local_files_only: bool) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
         if kind == "auto" and AutoConfig.from_pretrained(
                 model_source, local_files_only=local_files_only).is_encoder_decoder:
             raise ValueError(f"{source} is an encoder-decoder model; use kind='t5' to load its encoder")
@@ -288,6 +319,8 @@ def _load(source: str, kind: str, dtype: torch.dtype, local: bool) -> tuple[PreT
 
 def _hub_reachable() -> bool:
     """Whether the hub's host name resolves: a DNS failure is immediate, unlike the hub client's retries."""
+    from huggingface_hub import constants as hub_constants
+
     host = urlparse(hub_constants.ENDPOINT).hostname
     try:
         socket.getaddrinfo(host, 443)

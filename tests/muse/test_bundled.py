@@ -33,3 +33,17 @@ def test_muse_generate_with_the_bundled_model(tmp_path, monkeypatch):
     cli.main(["generate", "red apple", "--seed", "1", "--steps", "4", "--superres-steps", "2",
               "--out", str(tmp_path / "apple.png")])
     assert Image.open(tmp_path / "apple.png").size == (64, 64)
+
+
+def test_generating_with_the_bundled_model_imports_no_transformers(tmp_path):
+    """transformers takes seconds to import; the bundled MiniLM runs through transformer/bert.py instead (start-up
+    time is measured by bench/startup.py, not here)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom muse import cli\ncli.main(['generate', 'red apple', '--num-candidates', '1', "
+            "'--steps', '2', '--out', 'a.png'])\n")
+    code += "print('transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
