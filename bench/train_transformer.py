@@ -47,11 +47,11 @@ sys.path.insert(0, str(REPO))
 from machine import machine_info, write_report  # noqa: E402  (bench/machine.py)
 from muse.config import SuperResRun, TransformerRun, load_config  # noqa: E402
 from muse.data.sources import TokenBatch  # noqa: E402
-from muse.options import fast_bfloat16  # noqa: E402
 from muse.train import masked  # noqa: E402
 from muse.train.runtime import (  # noqa: E402
     EMA,
     Runtime,
+    autocast,
     build_optimizer,
     build_scheduler,
     compile_blocks,
@@ -268,7 +268,7 @@ def run_preset(path: str, steps: int, warmup: int, batch_size: int | None, devic
         "preset": path,
         "stage": cfg.stage,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": "bf16 autocast" if cfg.train.mixed_precision and fast_bfloat16(device) else "float32",
+        "precision": "bf16 autocast" if isinstance(autocast(rt, cfg.train), torch.autocast) else "float32",
         "compiled_blocks": compile_,
         "parameters": sum(p.numel() for p in model.parameters()),
         "batch_size": B,

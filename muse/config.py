@@ -89,11 +89,12 @@ class TrainConfig:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
         # NaN passed every comparison before (`--set train.lr=nan` trained on NaN weights): every number is checked.
+        # lr 0 is allowed: the weights then stay as they start (checking init_from, measuring throughput).
         for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("min_lr_ratio", 0.0, 1.0)):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low
-                    and (high is None or value <= high)) or (name == "lr" and value == 0):
-                bounds = "> 0" if name == "lr" else f">= {low}" + ("" if high is None else f" and <= {high}")
+                    and (high is None or value <= high)):
+                bounds = f">= {low}" + ("" if high is None else f" and <= {high}")
                 raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")

@@ -419,8 +419,10 @@ def generate_main(args: argparse.Namespace) -> None:
     todo = [item for item in mine if not _is_done(item, done.get(item.index), parameters, out)]
 
     start = time.perf_counter()
+    # On a terminal only (disable=None): in a log, where the bar's carriage returns become lines, it would repeat its
+    # last line at close, and the summary below says the same.
     with tqdm(total=len(todo), unit="img", desc=f"rank {rank}" if world > 1 else "generate",
-              disable=rank != 0 or not todo) as bar:
+              disable=True if rank != 0 or not todo else None) as bar:
         for b in range(0, len(todo), args.batch_size):
             batch = todo[b : b + args.batch_size]
             seeds = None if args.seed is None else [item.seed for item in batch]

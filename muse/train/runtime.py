@@ -429,12 +429,13 @@ def clip_and_step(optimizer: torch.optim.Optimizer, grad_clip: float | None) -> 
 
 
 def autocast(rt: Runtime, train: TrainConfig) -> contextlib.AbstractContextManager:
-    """bf16 autocast when `mixed_precision` is on and the device multiplies bf16 fast: CUDA, and CPUs with AMX or
-    AVX512-BF16 (`fast_bfloat16`); a no-op on AVX2-only CPUs, where bf16 matmuls are hundreds of times slower.
+    """bf16 autocast when `mixed_precision` is on, on CUDA (as FSDP's bf16 policy) and on CPUs that multiply bf16
+    fast, with AMX or AVX512-BF16 (`fast_bfloat16`); a no-op on AVX2-only CPUs, where bf16 matmuls are hundreds of
+    times slower.
 
     Also under FSDP's bf16 policy: the weights then arrive in bf16 already, and autocast keeps the ops it lists as
     float32 (LayerNorm, softmax, the loss) in float32."""
-    if train.mixed_precision and rt.device.type in ("cuda", "cpu") and fast_bfloat16(rt.device):
+    if train.mixed_precision and (rt.device.type == "cuda" or (rt.device.type == "cpu" and fast_bfloat16(rt.device))):
         return torch.autocast(rt.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

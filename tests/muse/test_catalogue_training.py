@@ -44,8 +44,8 @@ def metadata_line(data, row):
 
 
 CASES = {
-    "lr NaN": (lambda d: None, ["train.lr=nan"], "lr must be a finite number > 0"),
-    "lr negative": (lambda d: None, ["train.lr=-1"], "lr must be a finite number > 0"),
+    "lr NaN": (lambda d: None, ["train.lr=nan"], "lr must be a finite number >= 0"),
+    "lr negative": (lambda d: None, ["train.lr=-1"], "lr must be a finite number >= 0"),
     "betas out of range": (lambda d: None, ["train.betas=[0.9, 1.5]"], "betas must be two numbers in [0, 1)"),
     "grad_clip NaN": (lambda d: None, ["train.grad_clip=nan"], "grad_clip must be a finite number"),
     "ema_decay 1": (lambda d: None, ["train.ema_decay=1.0"], "ema_decay must be in (0, 1)"),
