@@ -4,7 +4,9 @@
 
 Each run directory holds the resolved `config.yaml` it was trained with and its exported model (`transformer/`,
 `superres/`); the config names the VQGAN(s) and the text encoder, so nothing else needs to be given. A super-res run
-whose high-res VQGAN is not the base VQGAN adds it as the pipeline's `superres_vqgan`. Sampling defaults can be set
+whose high-res VQGAN is not the base VQGAN adds it as the pipeline's `superres_vqgan`. `--superres-run` may also be a
+pipeline directory: its super-res stage (and high-res VQGAN) is kept as it is, under a newly trained base stage,
+if its base VQGAN has the new base stage's weights. Sampling defaults can be set
 here too (`--num-steps`, `--guidance-scale`, ...) and are saved in `pipeline.json`; `--scorer DIR` ships a trained
 prompt scorer as the pipeline's best-of-N default, and `--weights-dtype float16` halves the files on disk.
 """
@@ -17,6 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from muse.bundled import PIPELINE_FILE
 from muse.config import ConfigError, SuperResRun, TransformerRun, load_config
 from muse.options import PRECISIONS, SamplingOptions, add_option_arguments, given_options
 
@@ -25,6 +28,9 @@ if TYPE_CHECKING:
     import torch
 
     from muse.pipeline import MusePipeline, PipelineConfig
+    from superres.model import SuperResTransformer
+    from transformer.text import TextEncoder
+    from vqgan.model import VQGAN
 
 
 def _run(path: Path, stage: str) -> TransformerRun | SuperResRun:
@@ -65,8 +71,11 @@ def assemble(
     base = _run(base_dir, "transformer")
     vqgan = VQGAN.from_pretrained(base.vqgan)
     transformer = MaskedTransformer.from_pretrained(_exported(base_dir, "transformer"))
+    text = TextEncoder(base.text)
     superres = superres_vqgan = None
-    if superres_run is not None:
+    if superres_run is not None and (Path(superres_run) / PIPELINE_FILE).is_file():
+        superres, superres_vqgan = _kept_superres(Path(superres_run), base, vqgan, text)
+    elif superres_run is not None:
         sr_dir = Path(superres_run)
         sr = _run(sr_dir, "superres")
         if sr.text != base.text:
@@ -77,13 +86,39 @@ def assemble(
         superres = SuperResTransformer.from_pretrained(_exported(sr_dir, "superres"))
         if not _same_directory(sr.vqgan_high, base.vqgan):
             superres_vqgan = VQGAN.from_pretrained(sr.vqgan_high)
-    return MusePipeline(vqgan, TextEncoder(base.text), transformer, superres, superres_vqgan, config)
+    return MusePipeline(vqgan, text, transformer, superres, superres_vqgan, config)
+
+
+def _kept_superres(pipeline_dir: Path, base: TransformerRun, vqgan: VQGAN,
+                   text: TextEncoder) -> tuple[SuperResTransformer, VQGAN | None]:
+    """The super-res stage of a saved pipeline, to run under a new base stage: it reads the base VQGAN's tokens and
+    the text encoder's states, so both must be the ones the new base stage was trained with."""
+    import torch
+
+    from muse.pipeline import MusePipeline
+
+    source = MusePipeline.from_pretrained(pipeline_dir)
+    if source.superres is None:
+        raise FileNotFoundError(f"{pipeline_dir} is a pipeline without a super-res stage")
+    # Compared at float16, the storage of shipped pipelines, so the same model saved at either precision passes. The
+    # text encoder is compared by what it computes: a saved pipeline holds a copy of it under another path.
+    theirs, ours = source.vqgan.state_dict(), vqgan.state_dict()
+    if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k].half(), ours[k].half()) for k in ours):
+        raise ConfigError(f"the super-res stage of {pipeline_dir} reads the tokens of that pipeline's VQGAN, which is "
+                          f"not the base run's {base.vqgan}")
+    probe = ["a red apple, noto style", ""]
+    a, b = source.text_encoder(probe), text(probe)
+    if a.states.shape != b.states.shape or not torch.allclose(a.states.float(), b.states.float(), atol=1e-2):
+        raise ConfigError(f"the text encoder of {pipeline_dir} is not the base run's {base.text.name_or_path}: the "
+                          f"super-res stage was trained on other text states")
+    return source.superres, source.superres_vqgan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer-run", type=Path, required=True, help="run directory of the base stage")
     parser.add_argument("--superres-run", type=Path, default=None,
-                        help="run directory of the super-res stage (default: none, a base-only pipeline)")
+                        help="run directory of the super-res stage, or a pipeline directory whose super-res stage "
+                             "is kept (default: none, a base-only pipeline)")
     parser.add_argument("--out", type=Path, required=True, help="pipeline directory to write")
     # The pipeline's sampling defaults, saved in pipeline.json: one flag per option, unset ones take the library's.
     add_option_arguments(parser, defaults={f.name: f.default for f in dataclasses.fields(SamplingOptions)},

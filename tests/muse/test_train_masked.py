@@ -285,6 +285,15 @@ def test_assemble_turns_the_runs_into_a_two_stage_pipeline(tmp_path, t5):
     assert all(v.dtype == torch.float16 for v in load_file(file).values() if v.is_floating_point())
     assert half.transformer.head.weight.dtype == torch.float32  # cast back on load
     assert torch.equal(half.transformer.head.weight, pipe.transformer.head.weight.half().float())
+    # A saved pipeline's super-res stage kept under a (re)trained base stage, as the bundled model's v0.4 was made.
+    kept = assemble(tmp_path / "base", tmp_path / "half")
+    assert torch.equal(kept.superres.low_embedding.weight, half.superres.low_embedding.weight)
+    torch.manual_seed(1)
+    other_vqgan = VQGAN(load_config(CONFIGS / "vqgan" / "tiny.yaml").model)
+    other = MusePipeline(other_vqgan, pipe.text_encoder, pipe.transformer, pipe.superres)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match="reads the tokens of that pipeline's VQGAN, which is not the base run's"):
+        assemble(tmp_path / "base", tmp_path / "other")
     with pytest.raises(ConfigError, match="is a transformer run, expected a superres run"):
         assemble(tmp_path / "base", tmp_path / "base")
     with pytest.raises(FileNotFoundError, match="not a training run directory"):
