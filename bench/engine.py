@@ -9,8 +9,8 @@ Part 2, throughput: for each concurrency level k (1 4 16 64), the same mixed wor
 each of k clients, alternately a generation and an inpainting edit of a 25% hole, one candidate each, all different
 prompts and seeds -- three ways:
   concurrent  k client threads in a closed loop (each submits its next job when its last one is done; the clients
-              start 20 ms apart), all sharing the engine's background thread: jobs arrive at different times and
-              join the steps in flight
+              start 20 ms apart), all served by the engine driven on the main thread, as `muse serve` does: jobs
+              arrive at different times and join the steps in flight
   sequential  the same jobs one `pipe(...)` / `pipe.inpaint(...)` call after another
   batched     the same work as two batched calls: every generation in one `pipe(prompts)`, every edit in one
               `pipe.inpaint(prompts, image=[...], mask=[...])`
@@ -103,8 +103,8 @@ class Workload:
         return self.pipe.inpaint_task(prompt(i), image=self.picture, mask=self.mask, seed=i)
 
     def concurrent(self) -> dict:
+        # As under `muse serve`: the thread that loaded the model (this one) drives the engine, the clients submit.
         engine = self.pipe.engine = Engine()
-        engine.start()
         latencies: list[float] = []
         lock = threading.Lock()
 
@@ -120,10 +120,8 @@ class Workload:
         start = time.perf_counter()
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        engine.drive(until=lambda: not any(t.is_alive() for t in threads))
         wall = time.perf_counter() - start
-        engine.stop()
         return self._result(wall, latencies, engine)
 
     def sequential(self) -> dict:

@@ -1,7 +1,7 @@
 """Make the figures in the README from trained models, so every picture there comes from a command anyone can rerun.
 
     python docs/figures.py recon --vqgan runs/vqgan-emoji-f8/vqgan --data data/emoji            # docs/vqgan-recon.png
-    python docs/figures.py generate --model DIR                      # docs/generated.png: 12 prompts x 4 seeds
+    python docs/figures.py generate --model DIR                      # docs/generated.png: 16 prompts x 4 seeds
     python docs/figures.py superres --model DIR                      # docs/superres.png: bicubic 64 px vs super-res
                                                                      # and docs/superres-real.png on real images;
                                                                      # --scorer DIR: a judge for its prompt scores
@@ -112,12 +112,16 @@ def recon(args: argparse.Namespace) -> dict:
     return save(image, out, result)
 
 
-# A dozen prompts for the generation figures: six (concept, style) pairs of the training split and six held out
-# (the concept was seen in training only in the other styles). `muse data emoji` fixes the split, so this is stable.
+# Prompts for the generation figure: six (concept, style) pairs of the training split, six held out (the concept
+# was seen in training only in its other styles), and four training concepts in other words (the phrasings of
+# EVAL_TEMPLATES, which no training caption uses). `muse data emoji` fixes the split (a stable hash of concept and
+# style), so this is stable; every pair here is in the same split of data/emoji and data/emoji2.
 TRAIN_PROMPTS = ["cat face, twemoji style", "fire, noto style", "pizza, fluent style", "rainbow, twemoji style",
-                 "ghost, noto style", "red heart, fluent style"]
+                 "rocket, emojione style", "red apple, blob style"]
 HELDOUT_PROMPTS = ["red apple, fluent style", "grinning face, noto style", "banana, twemoji style",
                    "unicorn, noto style", "crown, fluent style", "penguin, fluent style"]
+OTHER_WORDS_PROMPTS = ["the noto fire", "pizza icon, fluent", "an emoji of a rainbow drawn in twemoji style",
+                       "twemoji: cat face"]
 
 
 def load_pipeline(model: str | None):
@@ -128,7 +132,8 @@ def load_pipeline(model: str | None):
 
 
 def label(prompt: str) -> str:
-    split = "held-out" if prompt in HELDOUT_PROMPTS else "train"
+    split = ("held-out" if prompt in HELDOUT_PROMPTS else "other words" if prompt in OTHER_WORDS_PROMPTS
+             else "train")
     return f"{prompt} ({split})"
 
 
@@ -149,7 +154,7 @@ def save(image: Image.Image, out: Path, result: dict) -> dict:
 @torch.inference_mode()
 def generate(args: argparse.Namespace) -> dict:
     pipe = load_pipeline(args.model)
-    prompts = TRAIN_PROMPTS + HELDOUT_PROMPTS
+    prompts = TRAIN_PROMPTS + HELDOUT_PROMPTS + OTHER_WORDS_PROMPTS
     start = time.perf_counter()
     out = pipe(prompts, num_images=args.seeds, seed=args.seed, stages=args.stages)
     seconds = time.perf_counter() - start
@@ -365,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the figure, for viewing")
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(make=recon)
-    for name, run, help_ in (("generate", generate, "a grid of generated emoji: 6 training and 6 held-out prompts"),
+    for name, run, help_ in (("generate", generate, "generated emoji: 6 training, 6 held-out, 4 other-words prompts"),
                              ("superres", superres, "held-out prompts: base 64 px upscaled bicubic vs super-res"),
                              ("edit", edit, "inpainting and outpainting examples")):
         p = sub.add_parser(name, help=help_)

@@ -12,7 +12,13 @@ B rows, their text context, settings and seeds. The engine runs many tasks at on
     engine = Engine()
     handle = engine.submit(task, on_event=print)   # from any thread; events: Queued, Step, Finished, Failed
     engine.run(task)                               # or: submit and drive the ticks here until it is done
-    engine.start()                                 # or: a background thread drives them (the server)
+    engine.start()                                 # or: a background thread drives them
+    engine.drive()                                 # or: this thread drives them until stop() (`muse serve`)
+
+Which thread drives matters on the CPU: torch's OpenMP keeps a pool of worker threads for each thread that runs a
+parallel op, and a second pool oversubscribes the cores. Measured here on 2 cores, a generation ran 85-90 ms on the
+thread that loaded the model and 170-200 ms on another thread afterwards. So a server loads the model, warms it up
+and drives the engine on one thread (its main thread, with `drive`), and serves HTTP from another.
 
 Rows never influence each other: decoding randomness is counter-based per row (`sampling.rng`) and the forward is
 row-independent, so on the CPU a job's tokens are bit-identical whether it runs alone or joins others mid-way.
@@ -491,7 +497,8 @@ class Engine:
         self._order = itertools.count()
         self._turn = 0
         self._drive = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the thread driving the ticks (start's, or drive's caller)
+        self._spawned = False  # whether start() made that thread (so stop() joins it)
         self._stop = False
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -525,22 +532,44 @@ class Engine:
         return handle.result()
 
     def start(self) -> None:
-        """Drive the ticks on a background thread (for servers) until `stop()`."""
-        if self._thread is not None:
-            return
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="muse-engine", daemon=True)
+        """Drive the ticks on a background thread until `stop()`; nothing to do when a thread drives them already
+        (`drive`). See the module docstring for why a server should rather `drive` on the thread that loaded the
+        model."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="muse-engine", daemon=True)
+            self._spawned = True
         self._thread.start()
 
-    def stop(self) -> None:
-        thread = self._thread
-        if thread is None:
-            return
+    def drive(self, until: Callable[[], bool] | None = None) -> None:
+        """Drive the ticks on the calling thread until `stop()` is called (from another thread) or `until()` is
+        true (checked between ticks, and at least every half second when idle). Meanwhile `submit` and `run` from
+        other threads hand their tasks to this one."""
         with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("the engine is driven by another thread already")
+            self._stop = False
+            self._thread, self._spawned = threading.current_thread(), False
+        try:
+            self._loop(until)
+        finally:
+            with self._lock:
+                self._thread = None
+
+    def stop(self) -> None:
+        """End `start`'s thread (joining it) or `drive`'s loop (which returns after its current tick)."""
+        with self._lock:
+            thread, spawned = self._thread, self._spawned
+            if thread is None:
+                return
             self._stop = True
             self._wake.notify()
-        thread.join()
-        self._thread = None
+        if spawned and thread is not threading.current_thread():
+            thread.join()
+            with self._lock:
+                self._thread, self._spawned = None, False
 
     @property
     def rows_in_flight(self) -> int:
@@ -577,11 +606,13 @@ class Engine:
             self._inbox.append(message)
             self._wake.notify()
 
-    def _loop(self) -> None:
+    def _loop(self, until: Callable[[], bool] | None = None) -> None:
         while True:
             with self._lock:
                 if self._stop:
                     return
+            if until is not None and until():
+                return
             try:
                 busy = self.tick()
             except Exception:  # never let one bad tick take the server down

@@ -234,6 +234,36 @@ def test_a_background_thread_serves_many_callers(tiny_pipe):
         assert torch.equal(results[i].tokens, tiny_pipe(f"a dog {i}", seed=i, num_steps=3).tokens)
 
 
+def test_drive_serves_other_threads_on_the_calling_one_until_stopped(tiny_pipe):
+    """`muse serve`'s arrangement: the thread that loaded the model drives the ticks, others submit."""
+    engine = Engine()
+    driver, results = [], {}
+
+    def client():
+        results["out"] = engine.run(tiny_pipe.generate_task("a dog", seed=1, num_steps=3))
+        engine.start()  # a thread drives already: nothing to start
+        engine.stop()   # ends drive() after its tick
+
+    def record_ticks():
+        driver.append(threading.current_thread())
+        return original()
+
+    original, engine.tick = engine.tick, record_ticks
+    thread = threading.Thread(target=client)
+    thread.start()
+    engine.drive()
+    thread.join(timeout=60)
+    assert torch.equal(results["out"].tokens, tiny_pipe("a dog", seed=1, num_steps=3).tokens)
+    assert set(driver) == {threading.main_thread()}
+    engine.drive(until=lambda: True)  # ends at once; the engine can be driven again after a stop
+    with pytest.raises(RuntimeError, match="driven by another thread"):
+        engine.start()
+        try:
+            engine.drive()
+        finally:
+            engine.stop()
+
+
 def count_forwards(monkeypatch, model):
     rows = []
     real = model.forward

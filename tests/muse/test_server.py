@@ -306,3 +306,43 @@ def test_a_corrupt_scorer_stops_the_server_at_start_up(tiny_pipeline_dir, tmp_pa
         cli.main(["serve", "--model", str(model), "--port", "0"])
     with pytest.raises(SystemExit, match="--port must be in 0..65535"):
         cli.main(["serve", "--port", "99999"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_muse_serve_drives_the_engine_on_its_main_thread_and_stops_cleanly_on_sigterm(tiny_pipeline_dir):
+    """The real command in its own process: it answers, shuts down gracefully on SIGTERM (exit 0), and a port in use
+    is a one-line error, not a hang (uvicorn runs on a second thread there)."""
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    command = [sys.executable, "-m", "muse.cli", "serve", "--model", str(tiny_pipeline_dir), "--port", str(port),
+               "--preview-every", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            try:
+                status, health, _ = call(url, "GET", "/health", timeout=5)
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+                time.sleep(0.2)
+        assert status == 200 and health["status"] == "ok"
+        status, reply, _ = call(url, "POST", "/generate", {"prompt": "a red apple", "seed": 1, "num_steps": 2})
+        assert status == 200 and reply["seeds"] == [1] and pixels(reply["images"][0]).ndim == 3
+
+        taken = subprocess.run([*command[:-4], "--port", str(port)], capture_output=True, text=True, timeout=120)
+        assert taken.returncode != 0 and "did not start" in taken.stderr
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
