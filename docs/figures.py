@@ -330,17 +330,29 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str, ylabel: 
 
 
 def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """A run's logs/scalars.csv (train.logger=csv) as {name: [(step, value), ...]}."""
+    """A run's scalars as {name: [(step, value), ...]}: logs/scalars.csv (train.logger=csv) or else its TensorBoard
+    event files (the default logger; one file per launch of a resumed run, a later launch's value winning a step)."""
     import csv
 
     file = run / "logs" / "scalars.csv"
-    if not file.is_file():
-        raise SystemExit(f"{file} not found: train with --set train.logger=csv to get curves as CSV")
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    with open(file, newline="") as f:
-        for row in csv.DictReader(f):
-            scalars.setdefault(row["name"], []).append((int(row["step"]), float(row["value"])))
-    return scalars
+    by_name: dict[str, dict[int, float]] = {}
+    if file.is_file():
+        with open(file, newline="") as f:
+            for row in csv.DictReader(f):
+                by_name.setdefault(row["name"], {})[int(row["step"])] = float(row["value"])
+    else:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = sorted((run / "logs").glob("**/events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+        if not events:
+            raise SystemExit(f"{run / 'logs'} holds neither scalars.csv nor TensorBoard event files")
+        for path in events:
+            accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
+            accumulator.Reload()
+            for name in accumulator.Tags()["scalars"]:
+                for event in accumulator.Scalars(name):
+                    by_name.setdefault(name, {})[event.step] = event.value
+    return {name: sorted(steps.items()) for name, steps in by_name.items()}
 
 
 def curves(args: argparse.Namespace) -> dict:
@@ -396,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--outpaint-prompt", default="red apple, noto style")
         p.set_defaults(make=run)
     p = sub.add_parser("curves", help="fixed-ratio validation curves of a masked-token training run")
-    p.add_argument("--run", type=Path, required=True, help="run directory (trained with train.logger=csv)")
+    p.add_argument("--run", type=Path, required=True, help="run directory (CSV or TensorBoard logs)")
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(make=curves)
     args = parser.parse_args(argv)

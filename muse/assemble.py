@@ -97,7 +97,7 @@ def _kept_superres(pipeline_dir: Path, base: TransformerRun, vqgan: VQGAN,
 
     from muse.pipeline import MusePipeline
 
-    source = MusePipeline.from_pretrained(pipeline_dir)
+    source = MusePipeline.from_pretrained(pipeline_dir, precision="float32")  # its weights as stored, not rounded
     if source.superres is None:
         raise FileNotFoundError(f"{pipeline_dir} is a pipeline without a super-res stage")
     # Compared at float16, the storage of shipped pipelines, so the same model saved at either precision passes. The
@@ -158,7 +158,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = PipelineConfig(sampling=SamplingOptions().with_overrides(given_options(args)),
                                 precision=args.precision)
-        pipe = assemble(args.transformer_run, args.superres_run, config)
+        # Assembled in float32, so that the weights are written as trained ("auto" would round them to bfloat16 on
+        # a CPU with fast bfloat16, and the files would depend on the machine); pipeline.json keeps the precision.
+        pipe = assemble(args.transformer_run, args.superres_run, dataclasses.replace(config, precision="float32"))
+        pipe.config = config
     except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         raise SystemExit(f"muse assemble: {e}") from None
     if args.scorer is not None:

@@ -327,11 +327,14 @@ class MusePipeline:
     # Saving and loading
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None = None) -> MusePipeline:
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *, precision: str | None = None) -> MusePipeline:
         """Load a pipeline: a directory written by `save_pretrained`, a diffusers aMUSEd directory (one with
         `model_index.json`, such as a download of amused/amused-256), a Hugging Face hub id of one (downloaded into
         the hub cache when online, read from it offline), or a model bundled with the package by its preset name;
         None is the bundled default model.
+
+        `precision` overrides the saved `config.precision`: "float32" keeps the stored weights exact (what re-saving
+        a model needs; "auto" on a CPU with fast bfloat16 would round them to bfloat16).
 
         Raises FileNotFoundError for an unknown path or preset or a missing component, ValueError for a corrupt
         component, naming it, and OSError for a hub id that cannot be had (offline and not in the cache).
@@ -339,7 +342,7 @@ class MusePipeline:
         path = _resolve_model(path)
         manifest_file = path / PIPELINE_FILE
         if not manifest_file.is_file() and (path / AMUSED_INDEX).is_file():
-            return cls._from_diffusers(path)
+            return cls._from_diffusers(path, precision)
         if not manifest_file.is_file():
             raise FileNotFoundError(f"{path} is not a saved MusePipeline: {PIPELINE_FILE} not found")
         try:
@@ -349,6 +352,8 @@ class MusePipeline:
         if not isinstance(manifest, dict) or set(manifest) != {"components", "config"}:
             raise ValueError(f"{manifest_file} must be a JSON object with exactly the keys 'components' and 'config'")
         config = PipelineConfig.from_dict(manifest["config"], where=str(manifest_file))
+        if precision is not None:
+            config = dataclasses.replace(config, precision=precision)
         kinds = parse_components(manifest["components"], str(manifest_file))
         loaded = {role: _load_component(role, path, lambda where, kind=kind: load_component(kind, where))
                   for role, kind in kinds.items()}
@@ -363,7 +368,7 @@ class MusePipeline:
         return pipe
 
     @classmethod
-    def _from_diffusers(cls, path: Path) -> MusePipeline:
+    def _from_diffusers(cls, path: Path, precision: str | None = None) -> MusePipeline:
         """A diffusers aMUSEd directory, read without diffusers: transformer/ (UVit2DModel), vqvae/ (VQModel),
         text_encoder/ + tokenizer/ (CLIPTextModelWithProjection), scheduler/ (its mask token and schedule). Sampling
         defaults: the `amused` preset, AmusedScheduler's own. The weights' licence is the model's (aMUSEd:
@@ -391,6 +396,8 @@ class MusePipeline:
                                  f"transformer's last vocabulary id {transformer.config.mask_token_id}")
             schedule = scheduler.get("masking_schedule", schedule)
         config = PipelineConfig(sampling=dataclasses.replace(amused_options(), mask_schedule=schedule))
+        if precision is not None:
+            config = dataclasses.replace(config, precision=precision)
         return cls(vqgan, text_encoder, transformer, config=config)
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
@@ -400,7 +407,7 @@ class MusePipeline:
 
         Weights are stored as the components hold them, or cast to `dtype` (torch.float16 halves a float32 model on
         disk; loading casts back). Under `config.precision` "auto" on a CPU with fast bfloat16 the token models hold
-        bfloat16 weights -- what runs is what is saved.
+        bfloat16 weights -- what runs is what is saved; load with `precision="float32"` to re-save exact weights.
 
         The pipeline is written into a new folder beside `path` and swapped in at the end: nothing of what was at
         `path` before (another pipeline's scorer/ or superres/) survives into it, and an interrupted save leaves the

@@ -1,5 +1,6 @@
 """Masked-token training (base and super-res stages): masking, the loss, fixed-ratio validation, exact resume."""
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -294,6 +295,21 @@ def test_assemble_turns_the_runs_into_a_two_stage_pipeline(tmp_path, t5):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ConfigError, match="reads the tokens of that pipeline's VQGAN, which is not the base run's"):
         assemble(tmp_path / "base", tmp_path / "other")
+    # `muse assemble --precision bfloat16` still writes the weights as trained (bf16 is what pipeline.json asks for
+    # at run time), and a pipeline loaded with precision="float32" holds its stored weights exactly.
+    from muse import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["assemble", "--transformer-run", str(tmp_path / "base"), "--superres-run", str(tmp_path / "half"),
+                  "--precision", "bfloat16", "--out", str(tmp_path / "bf16")])
+    assert done.value.code == 0
+    trained = load_file(tmp_path / "base" / "transformer" / "model.safetensors")
+    assert all(torch.equal(v, trained[k]) for k, v in
+               load_file(tmp_path / "bf16" / "transformer" / "model.safetensors").items())
+    assert json.loads((tmp_path / "bf16" / "pipeline.json").read_text())["config"]["precision"] == "bfloat16"
+    exact = MusePipeline.from_pretrained(tmp_path / "bf16", precision="float32")
+    assert torch.equal(exact.superres.low_embedding.weight, half.superres.low_embedding.weight)
+    assert MusePipeline.from_pretrained(tmp_path / "bf16").transformer.head.weight.dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="is a transformer run, expected a superres run"):
         assemble(tmp_path / "base", tmp_path / "base")
     with pytest.raises(FileNotFoundError, match="not a training run directory"):
