@@ -109,6 +109,8 @@ class Workload:
         lock = threading.Lock()
 
         def client(c: int) -> None:
+            while not engine.driven:  # submitted earlier, the first jobs would be ticked on this thread
+                time.sleep(0.001)
             time.sleep(0.02 * c)  # arrivals spread out: later clients join steps already in flight
             for i in self.jobs[c :: self.clients]:
                 start = time.perf_counter()

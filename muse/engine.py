@@ -523,11 +523,11 @@ class Engine:
         """Submit `task` and return its result, driving the ticks on this thread unless a background thread does."""
         handle = self.submit(task, on_event)
         while not handle.done():
-            if self._thread is not None:
-                handle.wait()
-                break
-            with self._drive:
-                while not handle.done():
+            if self._thread is not None:  # a driver thread runs the ticks (re-checked: it may stop)
+                handle.wait(timeout=0.5)
+                continue
+            with self._drive:  # one tick at a time, whoever drives
+                if self._thread is None and not handle.done():
                     self.tick()
         return handle.result()
 
@@ -572,6 +572,11 @@ class Engine:
                 self._thread, self._spawned = None, False
 
     @property
+    def driven(self) -> bool:
+        """Whether a thread drives the ticks (`start`'s or `drive`'s); `run` then waits instead of ticking."""
+        return self._thread is not None
+
+    @property
     def rows_in_flight(self) -> int:
         return sum(j.job.forward_rows for g in self._groups.values() for j in g.jobs)
 
@@ -614,7 +619,8 @@ class Engine:
             if until is not None and until():
                 return
             try:
-                busy = self.tick()
+                with self._drive:  # a caller of run() may be ticking until this thread took over
+                    busy = self.tick()
             except Exception:  # never let one bad tick take the server down
                 log.exception("engine tick failed")
                 busy = False

@@ -256,6 +256,19 @@ def test_drive_serves_other_threads_on_the_calling_one_until_stopped(tiny_pipe):
     assert torch.equal(results["out"].tokens, tiny_pipe("a dog", seed=1, num_steps=3).tokens)
     assert set(driver) == {threading.main_thread()}
     engine.drive(until=lambda: True)  # ends at once; the engine can be driven again after a stop
+
+    # Callers of run() that came first tick on their own threads until drive() takes over: one tick at a time.
+    outputs = {}
+
+    def caller(i):
+        outputs[i] = engine.run(tiny_pipe.generate_task(f"a cat {i}", seed=i, num_steps=4))
+
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
+    for t in callers:
+        t.start()
+    engine.drive(until=lambda: not any(t.is_alive() for t in callers))
+    for i in range(3):
+        assert torch.equal(outputs[i].tokens, tiny_pipe(f"a cat {i}", seed=i, num_steps=4).tokens)
     with pytest.raises(RuntimeError, match="driven by another thread"):
         engine.start()
         try:
