@@ -295,6 +295,15 @@ def test_assemble_turns_the_runs_into_a_two_stage_pipeline(tmp_path, t5):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ConfigError, match="reads the tokens of that pipeline's VQGAN, which is not the base run's"):
         assemble(tmp_path / "base", tmp_path / "other")
+    # ... and one whose text encoder computes other states (another random T5 of the same size).
+    torch.manual_seed(1)
+    T5EncoderModel(T5Config(vocab_size=len(ByT5Tokenizer()), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1,
+                            num_heads=4)).save_pretrained(tmp_path / "other-t5")
+    ByT5Tokenizer().save_pretrained(tmp_path / "other-t5")
+    other_text = TextEncoder(replace(t5, name_or_path=str(tmp_path / "other-t5")))
+    MusePipeline(pipe.vqgan, other_text, pipe.transformer, pipe.superres).save_pretrained(tmp_path / "other-text")
+    with pytest.raises(ConfigError, match="super-res stage was trained on other text states"):
+        assemble(tmp_path / "base", tmp_path / "other-text")
     # `muse assemble --precision bfloat16` still writes the weights as trained (bf16 is what pipeline.json asks for
     # at run time), and a pipeline loaded with precision="float32" holds its stored weights exactly.
     from muse import cli
