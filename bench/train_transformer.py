@@ -48,14 +48,9 @@ from machine import machine_info, write_report  # noqa: E402  (bench/machine.py)
 from muse.config import SuperResRun, TransformerRun, load_config  # noqa: E402
 from muse.data.sources import TokenBatch  # noqa: E402
 from muse.train import masked  # noqa: E402
-from muse.train.runtime import (  # noqa: E402
-    EMA,
-    Runtime,
-    autocast,
-    build_optimizer,
-    build_scheduler,
-    compile_blocks,
-)
+from muse.train.ema import EMA  # noqa: E402
+from muse.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from muse.train.runtime import Runtime, autocast, compile_blocks  # noqa: E402
 from superres.config import SuperResConfig  # noqa: E402
 from superres.model import SuperResTransformer  # noqa: E402
 from transformer.config import TransformerConfig  # noqa: E402

@@ -4,7 +4,8 @@ super-resolution (`muse train configs/superres/emoji-sr.yaml`), with `--resume` 
 `train` reads top to bottom: setup -> model, EMA -> data (token shards, or images tokenized on the fly) -> loop
 (variable-ratio masking, text dropout, loss on masked positions, logging, fixed-ratio validation, sample grids,
 checkpoints) -> export to `run_dir/transformer/` or `run_dir/superres/` (EMA weights when EMA is on). The generic
-machinery (processes, DDP / FSDP, optimizer, EMA, batches, logging, checkpoints) is `muse/train/runtime.py`.
+machinery is shared with the other loops: `runtime.py` (processes, DDP / FSDP, precision), `ema.py`, `optim.py`,
+`batches.py`, `logger.py` and `checkpoint.py` beside this file.
 
 The stages differ in five places, each an explicit `if superres:` branch below:
 
@@ -33,26 +34,19 @@ from muse.config import MaskingConfig, SuperResRun, TransformerRun
 from muse.data.sources import TokenBatch, TokenSource, cat_batches, drop_text
 from muse.engine import Job, run_job
 from muse.options import SamplingOptions
+from muse.train.batches import BatchStream
+from muse.train.checkpoint import prepare_run_dir, restore, save_checkpoint, start_from_weights
+from muse.train.ema import EMA, evaluation_model
+from muse.train.logger import Meter, TrainLogger
+from muse.train.optim import build_optimizer, build_scheduler, step_optimizer
 from muse.train.runtime import (
-    EMA,
-    BatchStream,
-    Meter,
     Runtime,
-    TrainLogger,
     autocast,
-    build_optimizer,
-    build_scheduler,
     compile_blocks,
     evaluating,
-    evaluation_model,
     mean_across_ranks,
     parallelize,
-    prepare_run_dir,
-    restore,
-    save_checkpoint,
     setup,
-    start_from_weights,
-    step_optimizer,
     teardown,
 )
 from sampling.schedule import sample_training_mask

@@ -7,10 +7,11 @@
     torchrun --nproc_per_node 8 -m muse.cli train configs/transformer/muse-3b.yaml --set train.parallel=fsdp
     muse train configs/scorer/emoji.yaml
 
-`--resume` continues exactly from the run's latest checkpoint (`checkpoints/last.pt`, or under FSDP the sharded one
-`checkpoints/last.json` names) and starts fresh when there is none yet, so the same command serves the first launch
-and every restart. The loops: `muse/train/vqgan.py`, `muse/train/masked.py` (base transformer and super-res),
-`muse/train/scorer.py`; what they share: `muse/train/runtime.py`.
+`--resume` continues exactly from the run's latest checkpoint (the one `checkpoints/last.json` names, or the
+`checkpoints/last.pt` of an earlier musegen) and starts fresh when there is none yet, so the same command serves the
+first launch and every restart. The loops: `muse/train/vqgan.py`, `muse/train/masked.py` (base transformer and
+super-res), `muse/train/scorer.py`; what they share: the other modules of `muse/train/` (`runtime.py`,
+`checkpoint.py`, `ema.py`, `optim.py`, `batches.py`, `logger.py`).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ TRAINERS = {"vqgan": "muse.train.vqgan", "transformer": "muse.train.masked", "su
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="YAML preset, e.g. configs/vqgan/emoji-f8.yaml")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from out_dir/checkpoints/last.pt (start fresh if there is none yet)")
+                        help="continue from the run's latest checkpoint in out_dir/checkpoints/ (start fresh if there is "
+                             "none yet)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by its dotted path, e.g. --set train.lr=2e-4 (repeatable)")
     parser.add_argument("--out-dir", type=str, default=None, help="shortcut for --set train.out_dir=DIR")
     parser.add_argument("--keep-every", type=int, default=None, metavar="N",
                         help="also keep a copy of the checkpoint written at every N-th step (checkpoints are "
-                             "written every train.save_every steps, so N should be a multiple of it; last.pt is "
+                             "written every train.save_every steps, so N should be a multiple of it; the latest is "
                              "always kept) (default: none)")
 
 
@@ -51,12 +53,13 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(f"muse train: {error}") from None
     if args.keep_every is not None and args.keep_every < 1:
         raise SystemExit("muse train: --keep-every must be >= 1")
-    checkpoints = Path(cfg.train.out_dir) / "checkpoints"
-    if not args.resume and any((checkpoints / name).exists() for name in ("last.pt", "last.json")):
+    from muse.train.checkpoint import LAST, LEGACY_LAST, CheckpointError, checkpoint_dir
+
+    checkpoints = checkpoint_dir(Path(cfg.train.out_dir))
+    if not args.resume and any((checkpoints / name).exists() for name in (LAST, LEGACY_LAST)):
         raise SystemExit(f"muse train: {cfg.train.out_dir} holds a run already (checkpoints/); pass --resume to "
                          "continue it, or give another train.out_dir (--out-dir) to start a new one")
     trainer = importlib.import_module(TRAINERS[cfg.stage])
-    from muse.train.runtime import CheckpointError
 
     try:
         exported = trainer.train(cfg, resume=args.resume, keep_every=args.keep_every)

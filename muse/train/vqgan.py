@@ -14,28 +14,19 @@ from torchvision.utils import save_image
 
 from muse.config import ConfigError, VQGANRun
 from muse.data.sources import image_dataset, stack_images, validation_items
+from muse.train.batches import BatchStream
+from muse.train.checkpoint import prepare_run_dir, restore, save_checkpoint, start_from_weights
+from muse.train.ema import EMA, evaluation_model
+from muse.train.logger import Meter, TrainLogger
+from muse.train.optim import build_optimizer, build_scheduler, clip_and_step, lr_factor, step_optimizer
 from muse.train.runtime import (
-    EMA,
-    BatchStream,
-    Meter,
     Runtime,
-    TrainLogger,
     autocast,
     average_gradients,
     broadcast_from_main,
-    build_optimizer,
-    build_scheduler,
-    clip_and_step,
     evaluating,
-    evaluation_model,
-    lr_factor,
     mean_across_ranks,
-    prepare_run_dir,
-    restore,
-    save_checkpoint,
     setup,
-    start_from_weights,
-    step_optimizer,
     teardown,
     wrap_ddp,
 )
@@ -47,7 +38,7 @@ GRID_IMAGES = 8    # reconstruction grid: this many originals above their recons
 
 
 def train(cfg: VQGANRun, resume: bool = False, keep_every: int | None = None) -> Path:
-    """Train per `cfg`; with `resume`, continue exactly from `out_dir/checkpoints/last.pt` when it exists.
+    """Train per `cfg`; with `resume`, continue exactly from the run's latest checkpoint when it exists.
     `keep_every` also keeps a checkpoint copy every that many steps. Returns the exported model directory."""
     if cfg.train.parallel != "ddp":
         # FSDP shards transformer blocks; a VQGAN (tens of millions of parameters) fits on any device whole.

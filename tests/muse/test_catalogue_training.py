@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from muse import cli
+from muse.train.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_VQGAN = REPO / "configs" / "vqgan" / "tiny.yaml"
@@ -91,10 +92,10 @@ def test_missing_or_broken_config_files_are_named(tmp_path):
 def test_an_existing_run_is_not_restarted_without_resume_and_init_from_takes_a_run_directory(tmp_path, data):
     train(*base(tmp_path, data))
     run = tmp_path / "run"
-    last = (run / "checkpoints" / "last.pt").read_bytes()
+    last = (latest_checkpoint(run) / "trainer.pt").read_bytes()
     with pytest.raises(SystemExit, match="holds a run already .*--resume"):
         train(*base(tmp_path, data))
-    assert (run / "checkpoints" / "last.pt").read_bytes() == last  # nothing of the earlier run touched
+    assert (latest_checkpoint(run) / "trainer.pt").read_bytes() == last  # nothing of the earlier run touched
     # A run directory as init_from: its exported model is found.
     train(*base(tmp_path, data)[:-5], f"train.out_dir={tmp_path / 'again'}", "train.steps=1",
           f"train.init_from={run}")
@@ -111,6 +112,6 @@ def test_an_existing_run_is_not_restarted_without_resume_and_init_from_takes_a_r
 ])
 def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, data, damage, message):
     train(*base(tmp_path, data))
-    damage(tmp_path / "run" / "checkpoints" / "last.pt")
+    damage(latest_checkpoint(tmp_path / "run") / "trainer.pt")
     with pytest.raises(SystemExit, match=message):
         train(*base(tmp_path, data), extra=["--resume"])

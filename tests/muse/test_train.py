@@ -10,16 +10,10 @@ from PIL import Image
 from muse.config import load_config
 from muse.train import vqgan as vqgan_trainer
 from muse.train.run import add_arguments, main
-from muse.train.runtime import (
-    BatchStream,
-    CheckpointError,
-    EpochBatchSampler,
-    TrainLogger,
-    build_optimizer,
-    decay_and_no_decay,
-    load_checkpoint,
-    lr_factor,
-)
+from muse.train.batches import BatchStream, EpochBatchSampler
+from muse.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_checkpoint
+from muse.train.logger import TrainLogger
+from muse.train.optim import build_optimizer, decay_and_no_decay, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_VQGAN = REPO / "configs" / "vqgan" / "tiny.yaml"
@@ -87,17 +81,33 @@ def test_vqgan_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, monkeyp
     with pytest.raises(Preempted):
         vqgan_trainer.train(tiny_vqgan_cfg(data, tmp_path / "resumed", *extra))
     monkeypatch.undo()
-    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 3
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000003"
     vqgan_trainer.train(tiny_vqgan_cfg(data, tmp_path / "resumed", *extra), resume=True)
 
-    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
-    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    straight, resumed = (read_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("straight", "resumed"))
     assert straight["step"] == resumed["step"] == 5
     assert_same_state(straight["components"], resumed["components"])
     assert straight["data"] == resumed["data"]
     # The exported model (EMA weights) is identical too, and it is what later stages load.
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / "straight" / "vqgan" / name).read_bytes() == (tmp_path / "resumed" / "vqgan" / name).read_bytes()
+
+
+def test_a_checkpoint_before_the_discriminator_starts_changes_nothing_and_resumes_exactly(tmp_path, monkeypatch):
+    # The discriminator's optimizer has no state until `disc_start_step`; saving it then must not create any (a
+    # zero-gradient step would shift its AdamW step count), so a run checkpointed at step 1 equals one that never was.
+    data = write_image_folder(tmp_path / "data")
+    extra = ("train.steps=4", "loss.disc_start_step=2", "train.val_every=100", "train.sample_every=100")
+    vqgan_trainer.train(tiny_vqgan_cfg(data, tmp_path / "once", *extra, "train.save_every=100"))  # saves at 4 only
+    crash_after_saving(monkeypatch, vqgan_trainer, at_step=1)
+    with pytest.raises(Preempted):
+        vqgan_trainer.train(tiny_vqgan_cfg(data, tmp_path / "often", *extra, "train.save_every=1"))
+    monkeypatch.undo()
+    assert "opt_disc" in load_checkpoint(latest_checkpoint(tmp_path / "often") / "trainer.pt")["components"]
+    vqgan_trainer.train(tiny_vqgan_cfg(data, tmp_path / "often", *extra, "train.save_every=1"), resume=True)
+    once, often = (read_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("once", "often"))
+    assert once["step"] == often["step"] == 4
+    assert_same_state(once["components"], often["components"])
 
 
 def test_vqgan_init_from_starts_from_the_saved_weights(tmp_path):
@@ -118,7 +128,7 @@ def test_truncated_checkpoint_raises_a_clear_error(tmp_path):
     data = write_image_folder(tmp_path / "data")
     cfg = tiny_vqgan_cfg(data, tmp_path / "run", "train.steps=1")
     vqgan_trainer.train(cfg)
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last = latest_checkpoint(tmp_path / "run") / "trainer.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=f"{last}.*corrupt or truncated"):
         load_checkpoint(last)
@@ -127,6 +137,20 @@ def test_truncated_checkpoint_raises_a_clear_error(tmp_path):
     last.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_checkpoint(last)
+
+
+def test_a_damaged_shard_or_pointer_is_named_on_resume(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    cfg = tiny_vqgan_cfg(data, tmp_path / "run", "train.steps=1")
+    vqgan_trainer.train(cfg)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    for shard in checkpoint.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"cannot load the checkpoint {checkpoint}"):
+        vqgan_trainer.train(cfg, resume=True)
+    (tmp_path / "run" / "checkpoints" / "last.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="last.json is corrupt"):
+        vqgan_trainer.train(cfg, resume=True)
 
 
 def parse(argv):
@@ -158,7 +182,7 @@ def test_cli_run_writes_config_logs_grids_and_model_and_is_not_overwritten(tmp_p
     assert {"train/l1", "train/lr", "train/images_per_s", "val/psnr", "val/codebook_used"} <= names
     assert (run / "samples" / "step-0000002.png").is_file()
     assert load_config(run / "config.yaml").train.steps == 2
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["train"]["steps"] == 2
+    assert load_checkpoint(latest_checkpoint(run) / "trainer.pt")["config"]["train"]["steps"] == 2
     # Without --resume an existing run is refused rather than overwritten.
     with pytest.raises(SystemExit, match="--resume"):
         main(parse(argv))

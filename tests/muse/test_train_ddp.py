@@ -13,7 +13,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 
 # Runs on every rank: trains through the real CLI, and additionally saves this rank's copy of every component each
-# time the loop saves a checkpoint, so the test can compare the replicas (the real checkpoint is rank 0's only).
+# time the loop saves a checkpoint, so the test can compare the replicas (the real checkpoint holds each tensor once).
 WORKER = textwrap.dedent(
     """
     import os, sys, torch
@@ -80,4 +80,7 @@ def test_two_process_torchrun_training_keeps_replicas_identical(tmp_path):
     assert_equal(rank0["components"], rank1["components"])
     # The ranks read different halves of each epoch: 8 images / 2 ranks / batch 2 = 2 batches per epoch each.
     assert rank0["data"] == rank1["data"] == {"epoch": 1, "batch": 1, "samples": 2, "consumed": 4}
-    assert (out / "checkpoints" / "last.pt").is_file() and (out / "vqgan" / "model.safetensors").is_file()
+    # One checkpoint, each rank wrote its part (the ranks hold the same tensors: each is written once).
+    checkpoint = out / "checkpoints" / json.loads((out / "checkpoints" / "last.json").read_text())["dir"]
+    assert checkpoint.name == "step-0000003" and len(list(checkpoint.glob("*.distcp"))) == 2
+    assert (out / "vqgan" / "model.safetensors").is_file()

@@ -1,5 +1,6 @@
 """FSDP2 training on the CPU: two processes under torchrun with gloo (one launch runs every multi-process case, the
-tests below check its results), and resuming the two-process run's sharded checkpoint on one process."""
+tests below check its results), switching between ddp and fsdp at a resume (also from a legacy `last.pt`), and
+resuming the two-process run's checkpoint on one process."""
 
 import copy
 import json
@@ -18,7 +19,9 @@ from muse.config import load_config
 from muse.data.sources import save_unconditional
 from muse.data.tokens import TokenShardWriter
 from muse.train import masked
-from muse.train.runtime import LAST, LAST_SHARDED, TRAINER_FILE, load_checkpoint
+from muse.train.checkpoint import LAST, LEGACY_LAST, TRAINER_FILE, load_checkpoint
+from muse.train.optim import decay_and_no_decay
+from transformer.model import MaskedTransformer
 from transformer.text import TextEmbedding
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,15 +29,15 @@ PRESET = REPO / "configs" / "transformer" / "tiny.yaml"
 K, GRID, TEXT_DIM = 32, 4, 384  # the tiny preset: 4x4 grid, 32 codes, MiniLM-width text states
 
 # Every rank runs this. Part 1 compares one sharded step with the same step in one process; part 2 trains the tiny
-# preset through `masked.train` five times, in one process group (teardown keeps the group for the next run).
+# preset through `masked.train` seven times, in one process group (teardown keeps the group for the next run).
 WORKER = textwrap.dedent(
     """
     import copy, functools, json, os, shutil, sys
     from pathlib import Path
     import torch, torch.distributed as dist
-    from muse.config import load_config
+    from muse.config import config_to_dict, load_config
     from muse.data.sources import TokenBatch
-    from muse.train import masked, runtime
+    from muse.train import checkpoint, masked, optim, runtime
     from superres.config import SuperResConfig
     from superres.model import SuperResTransformer
     from transformer.config import TransformerConfig
@@ -62,8 +65,8 @@ WORKER = textwrap.dedent(
         model = build(kind, 100 + rt.rank)          # each rank's own init: parallelize must broadcast rank 0's
         net = runtime.parallelize(masked.StageNet(model), masked.fsdp_units(model), rt, train_cfg)
         ref_net = masked.StageNet(reference)
-        opt, ref_opt = (runtime.build_optimizer(m, train_cfg) for m in (model, reference))
-        sched, ref_sched = (runtime.build_scheduler(o, train_cfg) for o in (opt, ref_opt))
+        opt, ref_opt = (optim.build_optimizer(m, train_cfg) for m in (model, reference))
+        sched, ref_sched = (optim.build_scheduler(o, train_cfg) for o in (opt, ref_opt))
         g = torch.Generator().manual_seed(7)
         losses, ref_losses = [], []
         for step in range(3):
@@ -75,10 +78,10 @@ WORKER = textwrap.dedent(
                                torch.rand(3, 16, generator=g) < 0.5))
             batch, mask = halves[rt.rank]
             loss = masked.masked_loss(net, batch, mask, 32).loss
-            runtime.step_optimizer(loss, opt, sched, train_cfg.grad_clip)
+            optim.step_optimizer(loss, opt, sched, train_cfg.grad_clip)
             losses.append(float(loss))
             parts = [masked.masked_loss(ref_net, b, m, 32).loss for b, m in halves]
-            runtime.step_optimizer((parts[0] + parts[1]) / 2, ref_opt, ref_sched, train_cfg.grad_clip)
+            optim.step_optimizer((parts[0] + parts[1]) / 2, ref_opt, ref_sched, train_cfg.grad_clip)
             ref_losses.append(float(parts[rt.rank]))
         full = {k: v.full_tensor() for k, v in model.state_dict().items()}
         init = build(kind, 100).state_dict()
@@ -129,28 +132,46 @@ WORKER = textwrap.dedent(
         shutil.copytree(out / "resumed", out / "onto-one")  # step 2, for the test to resume on one process
     dist.barrier()
     masked.train(cfg("resumed"), resume=True, keep_every=2)
-    masked.train(cfg("ddp", "train.parallel=ddp"))
 
-    # A DDP run continued under FSDP: what `restore` put into the sharded model, EMA and optimizer, gathered.
+    # A ddp run, which also writes its checkpoints as musegen up to d178d65 did under ddp (`last.pt`: the whole state
+    # by rank 0, optimizers keyed by position; that version's collect_state and write_checkpoint) into legacy/.
+    def save_both(run_dir, step, components, batches, cfg_, rt_, keep_every):
+        real_save(run_dir, step, components, batches, cfg_, rt_, keep_every)
+        rngs, positions = runtime.gather(checkpoint.rng_state(), rt_), runtime.gather(batches.state_dict(), rt_)
+        if rt_.is_main:
+            state = {"step": step, "components": {n: o.state_dict() for n, o in components.items()}, "rng": rngs,
+                     "data": positions, "world_size": rt_.world_size, "config": config_to_dict(cfg_)}
+            checkpoint.atomic_write(out / "legacy" / "checkpoints" / "last.pt", lambda f: torch.save(state, f))
+
+    masked.save_checkpoint = save_both
+    masked.train(cfg("ddp", "train.parallel=ddp"))
+    masked.save_checkpoint = real_save
+
+    # Both continued under FSDP: what `restore` put into the sharded model, EMA and optimizer, gathered.
     real_restore = masked.restore
 
-    def restore_and_dump(saved, components, batches, cfg_, rt_):
-        step = real_restore(saved, components, batches, cfg_, rt_)
-        whole = lambda t: t.full_tensor() if runtime.is_sharded(t) else t
-        dump = {name: {k: whole(v) for k, v in components[name].state_dict().items()}
-                for name in ("transformer", "ema")}
-        dump["optimizer"] = {i: {k: whole(v) for k, v in s.items()}
-                             for i, s in components["optimizer"].state_dict()["state"].items()}
-        dump["sharded"] = all(runtime.is_sharded(p) for p in components["transformer"].parameters())
-        if rt_.is_main:
-            torch.save(dump, out / "switched.pt")
-        return step
+    def restore_and_dump(dump_name):
+        def restore(saved, components, batches, cfg_, rt_):
+            step = real_restore(saved, components, batches, cfg_, rt_)
+            whole = lambda t: t.full_tensor() if runtime.is_sharded(t) else t
+            dump = {name: {k: whole(v) for k, v in components[name].state_dict().items()}
+                    for name in ("transformer", "ema")}
+            dump["optimizer"] = {i: {k: whole(v) for k, v in s.items()}
+                                 for i, s in components["optimizer"].state_dict()["state"].items()}
+            dump["sharded"] = all(runtime.is_sharded(p) for p in components["transformer"].parameters())
+            if rt_.is_main:
+                torch.save(dump, out / dump_name)
+            return step
+        return restore
 
-    masked.restore = restore_and_dump
     if rt.is_main:
-        shutil.copy(out / "ddp" / "checkpoints" / "last.pt", out / "ddp-step4.pt")  # the switch replaces it
+        shutil.copytree(out / "ddp", out / "ddp-to-fsdp")  # ddp/ stays at step 4 for the tests
+        shutil.copy(out / "legacy" / "checkpoints" / "last.pt", out / "legacy-step4.pt")  # the resume replaces it
     dist.barrier()
-    masked.train(cfg("ddp", "train.steps=5"), resume=True)
+    masked.restore = restore_and_dump("switched.pt")
+    masked.train(cfg("ddp-to-fsdp", "train.steps=5"), resume=True)
+    masked.restore = restore_and_dump("switched-legacy.pt")
+    masked.train(cfg("legacy", "train.steps=5"), resume=True)
     dist.destroy_process_group()
     # Rarely (twice in ~30 launches here, every output already written) a gloo process aborted while the interpreter
     # shut down ("terminate called without an active exception"); what is tested is in the files, so skip that phase.
@@ -176,7 +197,8 @@ def write_shards(directory: Path, n_train: int, n_val: int) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """The worker's outputs: parity.json and the run directories straight / resumed / onto-one / ddp."""
+    """The worker's outputs: parity.json, switched*.pt and the run directories straight / compiled / resumed /
+    onto-one / ddp / ddp-to-fsdp / legacy."""
     root = tmp_path_factory.mktemp("fsdp")
     shards = write_shards(root / "tokens", n_train=11, n_val=3)
     (root / "worker.py").write_text(WORKER)
@@ -236,8 +258,8 @@ def test_sharded_resume_reproduces_the_uninterrupted_run_exactly(runs):
     assert_equal(a["rng"], b["rng"])
     assert a["data"] == b["data"] and a["components"]["scheduler"] == b["components"]["scheduler"]
     # The pointer names the newest checkpoint; the previous one was deleted, the kept one (--keep-every 2) was not.
-    assert json.loads((runs / "resumed" / "checkpoints" / LAST_SHARDED).read_text())["dir"] == "step-0000004"
-    assert sorted(p.name for p in (runs / "straight" / "checkpoints").iterdir()) == [LAST_SHARDED, "step-0000004"]
+    assert json.loads((runs / "resumed" / "checkpoints" / LAST).read_text())["dir"] == "step-0000004"
+    assert sorted(p.name for p in (runs / "straight" / "checkpoints").iterdir()) == [LAST, "step-0000004"]
     assert (runs / "resumed" / "checkpoints" / "step-0000002").is_dir()
     exported = [(runs / run / "transformer" / "model.safetensors").read_bytes() for run in ("straight", "resumed")]
     assert exported[0] == exported[1]  # the EMA weights, gathered to rank 0
@@ -254,8 +276,7 @@ def test_fsdp_trains_like_ddp(runs):
     fsdp, ddp = losses(runs / "straight"), losses(runs / "ddp")
     assert len(fsdp) == 4 and ddp[:4] == losses(runs / "ddp")[:4]
     np.testing.assert_allclose(fsdp, ddp[:4], rtol=1e-5, atol=1e-6)  # the same masks, data and init on each rank
-    sharded = sharded_checkpoint(runs / "straight", 4)
-    whole = load_checkpoint(runs / "ddp-step4.pt")["components"]
+    sharded, whole = (sharded_checkpoint(runs / run, 4) for run in ("straight", "ddp"))
     # Reduce-scatter and all-reduce round the averaged gradients differently; AdamW turns that into weight
     # differences of ~1e-6 at most (the key bias, whose true gradient is 0, is pure rounding), against steps of 1e-3.
     for name in ("transformer", "ema"):
@@ -265,17 +286,35 @@ def test_fsdp_trains_like_ddp(runs):
 
 
 def test_a_ddp_checkpoint_resumes_under_fsdp(runs):
-    # Each rank took its shard of every tensor of last.pt: gathered again, they are last.pt's, bit for bit.
+    # Each rank took its shard of every tensor the ddp run wrote: gathered again, they are those tensors, bit for bit.
     switched = torch.load(runs / "switched.pt", weights_only=False)
-    whole = load_checkpoint(runs / "ddp-step4.pt")["components"]
+    whole = sharded_checkpoint(runs / "ddp", 4)
     assert switched["sharded"]
     assert_equal(switched["transformer"], whole["transformer"])
     assert_equal(switched["ema"], whole["ema"])
-    assert_equal(switched["optimizer"], whole["optimizer"]["state"])
-    # The continued run saves in the sharded format and drops last.pt, so a later --resume cannot pick the old one.
-    checkpoints = runs / "ddp" / "checkpoints"
-    assert not (checkpoints / LAST).exists()
-    assert json.loads((checkpoints / LAST_SHARDED).read_text())["step"] == 5
+    # `state_dict` numbers the parameters in the optimizer's order (decayed first); the checkpoint keys them by name.
+    model = MaskedTransformer(load_config(PRESET).model)
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in decay_and_no_decay(model) for p in group]
+    assert_equal(switched["optimizer"], {i: whole["optimizer"]["state"][name] for i, name in enumerate(order)})
+    assert json.loads((runs / "ddp-to-fsdp" / "checkpoints" / LAST).read_text())["step"] == 5
+
+
+def test_a_legacy_last_pt_resumes_under_fsdp_and_is_replaced(runs):
+    # The legacy last.pt holds the same state as the ddp run's checkpoint (one run, written both ways)...
+    legacy = load_checkpoint(runs / "legacy-step4.pt")["components"]
+    current = sharded_checkpoint(runs / "ddp", 4)
+    assert_equal(legacy["transformer"], current["transformer"])
+    # ...and each rank took its shard of every tensor of it: gathered again, they are last.pt's, bit for bit.
+    switched = torch.load(runs / "switched-legacy.pt", weights_only=False)
+    assert switched["sharded"]
+    assert_equal(switched["transformer"], legacy["transformer"])
+    assert_equal(switched["ema"], legacy["ema"])
+    assert_equal(switched["optimizer"], legacy["optimizer"]["state"])
+    # The continued run saves in the current format and drops last.pt, so a later --resume cannot pick the old one.
+    checkpoints = runs / "legacy" / "checkpoints"
+    assert not (checkpoints / LEGACY_LAST).exists()
+    assert json.loads((checkpoints / LAST).read_text())["step"] == 5
 
 
 @pytest.mark.filterwarnings("ignore:resuming .* with a changed config")  # the run was copied: out_dir changed

@@ -9,8 +9,9 @@ import torch
 from muse.config import ConfigError, load_config
 from muse.options import fast_bfloat16
 from muse.train import masked
-from muse.train import runtime
-from muse.train.runtime import Runtime, autocast, build_optimizer, compile_blocks, fsdp_policy, setup
+from muse.train.batches import BatchStream
+from muse.train.optim import build_optimizer
+from muse.train.runtime import Runtime, autocast, compile_blocks, fsdp_policy, setup
 from transformer.model import MaskedTransformer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,8 +85,8 @@ def test_setup_on_cuda_allows_tf32_and_picks_the_local_device(monkeypatch):
 
 def test_pinned_batches_come_out_the_same(recwarn):
     data = [torch.tensor([i]) for i in range(6)]
-    pinned = runtime.BatchStream(data, 2, seed=0, rank=0, world_size=1, pin_memory=True)  # no accelerator: unpinned
-    plain = runtime.BatchStream(data, 2, seed=0, rank=0, world_size=1)
+    pinned = BatchStream(data, 2, seed=0, rank=0, world_size=1, pin_memory=True)  # no accelerator: unpinned
+    plain = BatchStream(data, 2, seed=0, rank=0, world_size=1)
     assert [next(pinned).tolist() for _ in range(4)] == [next(plain).tolist() for _ in range(4)]
 
 

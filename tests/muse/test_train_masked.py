@@ -15,7 +15,7 @@ from muse.data.sources import TokenBatch, save_unconditional, trim_text
 from muse.data.tokens import TokenShardWriter
 from muse.train import masked
 from muse.train.masked import FixedRatioValidation, masked_loss, masked_positions, text_dropout, training_mask
-from muse.train.runtime import load_checkpoint
+from muse.train.checkpoint import LEGACY_LAST, latest_checkpoint, load_checkpoint, read_checkpoint
 from transformer.config import TextEncoderConfig
 from transformer.text import TextEmbedding, TextEncoder
 from vqgan.model import VQGAN
@@ -164,7 +164,7 @@ def run_interrupted_and_straight(cfg_path, tmp_path, monkeypatch, overrides, cra
         masked.train(load(tmp_path / "resumed"))
     monkeypatch.undo()
     masked.train(load(tmp_path / "resumed"), resume=True)
-    return [load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("straight", "resumed")]
+    return [read_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("straight", "resumed")]
 
 
 def assert_same(a, b, where=""):
@@ -205,9 +205,9 @@ def test_transformer_resume_from_shards_is_exact_and_writes_validation_and_sampl
 def legacy_save(run_dir, step, components, batches, cfg, rt, keep_every):
     """checkpoints/last.pt exactly as musegen wrote it before the sharded format (commit 2ed806e's collect_state and
     write_checkpoint): one process's RNG and data position, the position without "consumed", the EMA as the state dict
-    of its model copy (the same names and tensors as `EMA.state_dict`)."""
+    of its model copy (the same names and tensors as `EMA.state_dict`), optimizers keyed by position."""
     from muse.config import config_to_dict
-    from muse.train.runtime import atomic_write, rng_state
+    from muse.train.checkpoint import atomic_write, rng_state
 
     state = {
         "step": step,
@@ -234,12 +234,16 @@ def test_a_last_pt_of_the_previous_format_resumes_exactly(tmp_path, monkeypatch,
     with pytest.raises(Preempted):
         masked.train(load(tmp_path / "old"))
     monkeypatch.undo()
-    assert "consumed" not in load_checkpoint(tmp_path / "old" / "checkpoints" / "last.pt")["data"][0]
+    legacy = tmp_path / "old" / "checkpoints" / LEGACY_LAST
+    assert latest_checkpoint(tmp_path / "old") == legacy
+    assert "consumed" not in load_checkpoint(legacy)["data"][0]
     masked.train(load(tmp_path / "old"), resume=True)
-    straight, resumed = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("straight", "old"))
+    straight, resumed = (read_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("straight", "old"))
     assert straight["step"] == resumed["step"] == 4
     assert_same(straight["components"], resumed["components"])
     assert straight["data"] == resumed["data"]
+    # Read once: the resumed run's first save (step 4, the current format) replaced it.
+    assert not legacy.exists() and latest_checkpoint(tmp_path / "old").name == "step-0000004"
 
 
 def test_superres_resume_from_shards_is_exact(tmp_path, monkeypatch, t5):
