@@ -21,7 +21,8 @@ ALLOWED = {
 MUSE_ALLOWED = {
     "muse.config": set(),
     "muse.options": set(),
-    "muse.data": {"muse.config", "muse.data"},
+    "muse.progress": set(),
+    "muse.data": {"muse.config", "muse.data", "muse.progress"},
     "muse.train.runtime": {"muse.config", "muse.options"},
 }
 TRAIN_LOOPS = {"muse.train.vqgan", "muse.train.masked", "muse.train.scorer"}
