@@ -128,7 +128,14 @@ class VQGANRun:
     data: DataConfig
     train: TrainConfig
     loss: VQGANLossConfig = field(default_factory=VQGANLossConfig)
+    # "decoder": train the decoder alone, the encoder and codebook frozen, so that token ids keep their meaning and
+    # the transformer stages trained on them stay valid (mending what the decoder draws, e.g. its borders).
+    trainable: str = "all"
     stage: str = "vqgan"
+
+    def __post_init__(self) -> None:
+        if self.trainable not in ("all", "decoder"):
+            raise ValueError(f"trainable must be all or decoder, got {self.trainable!r}")
 
 
 @dataclass(frozen=True)
