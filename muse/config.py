@@ -128,7 +128,14 @@ class VQGANRun:
     data: DataConfig
     train: TrainConfig
     loss: VQGANLossConfig = field(default_factory=VQGANLossConfig)
+    # "decoder": train the decoder alone, the encoder and codebook frozen, so that token ids keep their meaning and
+    # the transformer stages trained on them stay valid (mending what the decoder draws, e.g. its borders).
+    trainable: str = "all"
     stage: str = "vqgan"
+
+    def __post_init__(self) -> None:
+        if self.trainable not in ("all", "decoder"):
+            raise ValueError(f"trainable must be all or decoder, got {self.trainable!r}")
 
 
 @dataclass(frozen=True)
@@ -189,10 +196,15 @@ class ScorerDataConfig:
     # view, and a training pair draws one at random, so the scorer sees both small samples and large renders.
     source_sizes: tuple[int, ...] = (64, 128)
     cache_dir: str | None = None             # frozen-feature cache; None = `train.out_dir/feature-cache`
+    # At most this many images of each split (a fixed random subset, the same for every run): feature extraction
+    # costs ~0.1 s per image and view on 2 CPU cores, so a quick run can bound it. None = every image.
+    max_images: int | None = None
 
     def __post_init__(self) -> None:
         if not self.source_sizes or any(s < 1 for s in self.source_sizes):
             raise ValueError(f"source_sizes must be positive sizes, got {self.source_sizes!r}")
+        if self.max_images is not None and self.max_images < 2:
+            raise ValueError(f"max_images must be at least 2 (the scorer contrasts pairs), got {self.max_images}")
 
 
 @dataclass(frozen=True)

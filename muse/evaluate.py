@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 
 from muse.data.captions import EVAL_TEMPLATES, caption_of
 from muse.options import PRECISIONS, SamplingOptions, add_option_arguments, given_options
+from muse.progress import progress
 
 # torch, the pipeline and the scorer are imported where they are used, so that `muse eval --help` starts at once.
 if TYPE_CHECKING:
@@ -437,10 +438,12 @@ def _generate(pipe: MusePipeline, prompts: list[str], config: EvalConfig, *, bat
     """One image per prompt, image i with seed config.seed + i, in pipeline calls of `batch_size` prompts."""
     batch_size = batch_size or config.batch_size
     images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        seeds = [config.seed + start + i for i in range(len(chunk))]
-        images.extend(pipe(chunk, seed=seeds, options=config.options, **options).images)
+    with progress(len(prompts), desc="muse eval", unit="img") as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            seeds = [config.seed + start + i for i in range(len(chunk))]
+            images.extend(pipe(chunk, seed=seeds, options=config.options, **options).images)
+            bar.update(len(chunk))
     return images
 
 
@@ -595,8 +598,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     try:
-        # Every argument is checked before the model loads.
+        # Every argument is checked before the model loads, the data folder too.
         SamplingOptions().with_overrides(given_options(args))
+        if not args.data.is_dir():
+            raise SystemExit(f"muse eval: no image-caption folder at {args.data}; build the emoji set first with "
+                             f"`muse data emoji --out {args.data} --sizes 64 128 256`, or pass --data DIR")
         config = EvalConfig(
             split=args.split, num_prompts=args.num_prompts, steps=tuple(args.steps),
             guidance=None if args.guidance is None else tuple(args.guidance), candidates=args.candidates,

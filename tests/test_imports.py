@@ -21,7 +21,8 @@ ALLOWED = {
 MUSE_ALLOWED = {
     "muse.config": set(),
     "muse.options": set(),
-    "muse.data": {"muse.config", "muse.data"},
+    "muse.progress": set(),
+    "muse.data": {"muse.config", "muse.data", "muse.progress"},
     # What the training loops share, bottom up: processes and devices, then what builds on them.
     "muse.train.runtime": {"muse.config", "muse.options"},
     "muse.train.optim": {"muse.config", "muse.train.runtime"},

@@ -220,11 +220,12 @@ class VQGAN(nn.Module):
         ids = rearrange(ids, "B (h w) -> B h w", h=height, w=width)  # (B, h, w)
         return quantized, ids, commit_loss
 
-    def forward(self, images: Tensor) -> VQGANOutput:
+    def forward(self, images: Tensor, freeze_codebook: bool = False) -> VQGANOutput:
         """Reconstruct (B, 3, H, W) images through the codebook. In training mode this also updates the EMA codebook
-        and re-seeds dead codes; gradients reach the encoder through the straight-through estimator."""
+        and re-seeds dead codes, unless `freeze_codebook` (fine-tuning the decoder alone, so that every token id keeps
+        its meaning); gradients reach the encoder through the straight-through estimator."""
         self._check_images(images)
-        quantized, ids, commit_loss = self._quantize(self.encoder(images), freeze_codebook=False)
+        quantized, ids, commit_loss = self._quantize(self.encoder(images), freeze_codebook=freeze_codebook)
         return VQGANOutput(reconstruction=self.decoder(quantized), ids=ids, commit_loss=commit_loss)
 
     @torch.no_grad()

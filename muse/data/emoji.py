@@ -584,7 +584,7 @@ def build_emoji_dataset(
     every skin-tone variant as a concept of its own, right after its base. `workers` <= 1 renders in this process.
     Files of an earlier build in `out` are overwritten; metadata.jsonl is replaced last, atomically.
     """
-    from tqdm import tqdm
+    from muse.progress import progress as progress_bar
 
     start = time.perf_counter()
     out = Path(out)
@@ -645,7 +645,7 @@ def build_emoji_dataset(
     # spawn, not fork: the caller may hold torch's thread pools, which do not survive a fork reliably.
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     digests: list[str] = []
-    bar = tqdm(total=len(tasks), desc="rendering emoji", unit="pair", disable=not progress)
+    bar = progress_bar(len(tasks), desc="rendering emoji", unit="pair", disable=None if progress else True)
     with bar, pool or nullcontext():
         for digest in pool.imap(render_pair, tasks, chunksize=16) if pool else map(render_pair, tasks):
             digests.append(digest)

@@ -70,10 +70,9 @@ def tokenize_split(cfg: TransformerRun | SuperResRun, tokenizers: Tokenizers, sp
     """Encode one split into shards under `out`; returns the number of items written."""
     import torch
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     from muse.data.sources import image_dataset
     from muse.data.tokens import TokenShardWriter
+    from muse.progress import progress
 
     # Center crops for every split: the shards are a fixed encoding of the data set.
     dataset = image_dataset(replace(cfg.data, crop="center"), train=train, seed=cfg.train.seed)
@@ -84,8 +83,8 @@ def tokenize_split(cfg: TransformerRun | SuperResRun, tokenizers: Tokenizers, sp
         low_h = tokenizers.low_resolution // tokenizers.low.config.downsample_factor
     with TokenShardWriter(out, items_per_shard=args.items_per_shard, overwrite=args.overwrite) as writer:
         total = len(dataset) if hasattr(dataset, "__len__") else None
-        for items in tqdm(loader, desc=f"tokenize {split}", total=None if total is None else len(loader),
-                          file=sys.stderr):
+        for items in progress(None if total is None else len(loader), desc=f"tokenize {split}", unit="batch",
+                              iterable=loader):
             with torch.no_grad():
                 batch = tokenizers.encode(items["image"].to(device), list(items["caption"]))
             B = len(batch)

@@ -28,6 +28,7 @@ from torch import Tensor
 from muse.config import ScorerRun
 from muse.data.folder import pick_file, read_rows
 from muse.data.images import ImageTransform, load_rgb
+from muse.progress import progress
 from muse.scorer import CHUNK, PromptScorer, contrastive_loss, target_ranks
 
 
@@ -81,7 +82,7 @@ def fit(cfg: ScorerRun) -> ScorerTraining:
     start = time.perf_counter()
     data_dir, out = Path(cfg.data.path), Path(cfg.train.out_dir)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir is not None else out / "feature-cache"
-    train_rows = split_rows(data_dir, "train")
+    train_rows = split_rows(data_dir, "train", cfg.data.max_images)
     if len(train_rows) < 2:
         raise ValueError(f"{data_dir} has fewer than 2 usable training images; the scorer needs pairs to contrast")
 
@@ -113,13 +114,14 @@ def fit(cfg: ScorerRun) -> ScorerTraining:
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"scorer step {step + 1}/{steps}: loss {np.mean(losses[-log_every:]):.4f}, "
+        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):  # the last step always reports
+            recent = losses[-(((step + 1) % log_every) or log_every):]
+            print(f"scorer step {step + 1}/{steps}: loss {np.mean(recent):.4f}, "
                   f"temperature {1 / heads.scale.item():.4f}", file=sys.stderr)
     heads.eval()
 
     # Export and report: retrieval on both splits, from the cached features.
-    heldout_rows = split_rows(data_dir, "heldout")
+    heldout_rows = split_rows(data_dir, "heldout", cfg.data.max_images)
     heldout = None
     if heldout_rows:
         heldout = split_features(scorer, data_dir, heldout_rows, "heldout", cfg.data.source_sizes, cache)
@@ -139,11 +141,16 @@ def fit(cfg: ScorerRun) -> ScorerTraining:
     return result
 
 
-def split_rows(data_dir: Path, split: str) -> list[dict]:
-    """The metadata rows of one split, without those marked `duplicate_of`."""
+def split_rows(data_dir: Path, split: str, max_images: int | None = None) -> list[dict]:
+    """The metadata rows of one split, without those marked `duplicate_of`; at most `max_images` of them, a fixed
+    random subset in folder order (the folder is sorted by style, so its first rows would be one style)."""
     if not data_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {data_dir}")
-    return [r for r in read_rows(data_dir) if r.get("split", "train") == split and not r.get("duplicate_of")]
+    rows = [r for r in read_rows(data_dir) if r.get("split", "train") == split and not r.get("duplicate_of")]
+    if max_images is not None and len(rows) > max_images:
+        keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:max_images].sort().values
+        rows = [rows[i] for i in keep.tolist()]
+    return rows
 
 
 def split_features(scorer: PromptScorer, data_dir: Path, rows: list[dict], split: str, sizes: tuple[int, ...],
@@ -162,15 +169,18 @@ def split_features(scorer: PromptScorer, data_dir: Path, rows: list[dict], split
         except Exception as e:  # noqa: BLE001 - a bad cache file is recomputed, never trusted
             print(f"ignoring unreadable feature cache {cached}: {e}", file=sys.stderr)
 
-    print(f"scorer: extracting frozen features of {len(rows)} {split} images x {len(sizes)} views", file=sys.stderr)
+    print(f"scorer: extracting frozen features of {len(rows)} {split} images x {len(sizes)} views (cached for the "
+          f"next run; data.max_images bounds it)", file=sys.stderr)
     views = []
-    for v, size in enumerate(sizes):
-        transform = ImageTransform(size)
-        feats = []
-        for start in range(0, len(rows), CHUNK):
-            batch = torch.stack([transform(load_rgb(data_dir / f[v])) for f in files[start : start + CHUNK]])
-            feats.append(scorer.image_features(batch).cpu())
-        views.append(torch.cat(feats))  # (N, Di)
+    with progress(len(rows) * len(sizes), desc=f"scorer features ({split})", unit="img") as bar:
+        for v, size in enumerate(sizes):
+            transform = ImageTransform(size)
+            feats = []
+            for start in range(0, len(rows), CHUNK):
+                batch = torch.stack([transform(load_rgb(data_dir / f[v])) for f in files[start : start + CHUNK]])
+                feats.append(scorer.image_features(batch).cpu())
+                bar.update(len(batch))
+            views.append(torch.cat(feats))  # (N, Di)
     features = Features(torch.stack(views), scorer.text_features(captions).cpu(), captions)
 
     cache.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,10 @@ def train(cfg: VQGANRun, resume: bool = False, keep_every: int | None = None) ->
     vqgan = VQGAN(cfg.model).to(rt.device)
     if cfg.train.init_from and not saved:
         start_from_weights(vqgan, cfg.train.init_from, "vqgan")
+    decoder_only = cfg.trainable == "decoder"
+    if decoder_only:  # frozen before DDP and the optimizer see the parameters: neither holds state for them
+        vqgan.encoder.requires_grad_(False)
+        vqgan.quantizer.requires_grad_(False)
     model = wrap_ddp(vqgan, rt)
     ema = EMA(vqgan, cfg.train.ema_decay) if cfg.train.ema_decay else None
     losses = VQGANLoss(cfg.loss).to(rt.device)
@@ -93,7 +97,7 @@ def train(cfg: VQGANRun, resume: bool = False, keep_every: int | None = None) ->
         # its weights (they are trained by their own loss below).
         discriminator.requires_grad_(False)
         with autocast(rt, cfg.train):
-            out = model(images)
+            out = model(images, freeze_codebook=decoder_only)
             g = losses.generator_loss(images, out, last_layer=vqgan.last_layer, step=step)
         grad_norm = step_optimizer(g.total, opt_vqgan, sched_vqgan, cfg.train.grad_clip)
         discriminator.requires_grad_(True)

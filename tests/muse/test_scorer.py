@@ -177,3 +177,16 @@ def test_muse_scorer_and_muse_train_run_the_same_training(trained, shapes_dir, t
          "--out-dir", str(tmp_path / "preset"), "--set", "train.steps=3"])
     assert len(seen) == 1 and seen[0].train.steps == 3 and seen[0].data.source_sizes == (64, 128)
     assert seen[0].train.out_dir == str(tmp_path / "preset") and "exported scorer model" in capsys.readouterr().out
+
+
+def test_max_images_bounds_extraction_and_the_last_step_logs_its_loss(shapes_dir, tmp_path, capsys):
+    # A quick run must be able to bound the frozen-feature extraction, and end with a loss line whatever log_every.
+    cfg = load_config(REPO / "configs" / "scorer" / "emoji.yaml", [
+        f"data.path={shapes_dir}", f"train.out_dir={tmp_path}", "data.source_sizes=[32]", "model.image_size=64",
+        "data.max_images=5", "train.steps=2", "train.batch_size=4"])
+    result = fit(cfg)
+    assert result.train.num_images == 5 and result.heldout.num_images == 5
+    err = capsys.readouterr().err
+    assert "extracting frozen features of 5 train images" in err and "scorer step 2/2: loss" in err
+    with pytest.raises(ValueError, match="max_images must be at least 2"):
+        load_config(REPO / "configs" / "scorer" / "emoji.yaml", [f"data.path={shapes_dir}", "data.max_images=1"])
