@@ -380,6 +380,16 @@ def test_a_score_job_returns_guided_log_probabilities_batched_with_decodes(tiny_
                                        options)])))
 
 
+def test_edit_confidence_scores_its_tokens_through_the_engine(tiny_pipe, picture, monkeypatch):
+    ticks = {}
+    for mode in ("random", "confidence"):
+        engine = Engine()
+        monkeypatch.setattr(tiny_pipe, "engine", engine)
+        tiny_pipe.edit("a green apple", image=picture, strength=0.5, iterations=2, mode=mode, seed=2, num_images=2)
+        ticks[mode] = engine.stats.ticks
+    assert ticks["confidence"] == ticks["random"] + 2  # one scoring forward per round, both images in it
+
+
 def test_guided_logits_mix_the_branches_on_the_logits(tiny_pipe):
     model = tiny_pipe.transformer
     text = tiny_pipe.text_encoder(["a dog", ""])
