@@ -1,13 +1,17 @@
 """The decoding engine: every sampling call of musegen, from one image to many concurrent requests, runs through here.
 
 A *task* (generation, inpainting, outpainting, editing, upscaling: `MusePipeline` builds them) is a generator that
-yields *jobs* and receives each job's `DecodeOutput`; a job is one parallel decode on one stage -- a starting grid of
-B rows, their text context, settings and seeds. The engine runs many tasks at once, one *tick* at a time:
+yields *jobs* and receives each job's result; a `Job` is one parallel decode on one stage -- a starting grid of B
+rows, their context, sampling options and seeds -- and returns its `DecodeOutput`; a `ScoreJob` asks for the guided
+log-probability of every token of complete grids (editing's confidence mode) and returns them. The engine runs many
+tasks at once, one *tick* at a time, in three phases (as vLLM's `schedule` -> `execute_model` -> `update_from_output`):
 
-    tick:  admit queued jobs (up to max_rows)  ->  pick the jobs that share a model and grid shape  ->
-           ONE batched forward over all their rows (every guided row twice, conditional and unconditional)  ->
-           mix guidance per job, with its own scale at its own step  ->  advance each row by one step  ->
-           hand finished jobs' outputs back to their tasks, which yield their next job (or finish)
+    schedule  `_schedule`: admit waiting jobs (up to max_rows), pick the group whose turn it is -- the jobs of one
+              kind that share a model and a grid shape -- and plan its forward (`_TickPlan`): the rows' positions,
+              which rows run a second time for guidance and at what scale, which rows the model must compute
+    execute   `_execute`: ONE forward over the group's rows, guidance mixed per job (`muse.guidance`)
+    update    `_update`: advance every row one step (or read the scores), emit step events, hand finished jobs'
+              outputs back to their tasks, which yield their next job (or finish)
 
     engine = Engine()
     handle = engine.submit(task, on_event=print)   # from any thread; events: Queued, Step, Finished, Failed
@@ -23,15 +27,16 @@ and drives the engine on one thread (its main thread, with `drive`), and serves 
 Rows never influence each other: decoding randomness is counter-based per row (`sampling.rng`) and the forward is
 row-independent, so on the CPU a job's tokens are bit-identical whether it runs alone or joins others mid-way.
 
-What a forward saves (`forward_rows`): the text keys/values are computed once per job (by the task, before it
-yields); the last layer and the logits run only at still-masked positions; at a job's first step, rows of an
-all-masked grid with the same prompt are computed once (a prompt's candidates, the unconditional branch); on the CPU
-the rows go through the model `CPU_TOKENS_PER_FORWARD` tokens at a time into a reused logits buffer.
+What a forward saves (`_Group.compute`, counted in `EngineStats`): the text keys/values are computed once per job (by
+the task, before it yields); the last layer and the logits run only at still-masked positions; rows whose grid has
+nothing left to commit are left out; at a job's first step, rows of an all-masked grid with the same prompt are
+computed once (a prompt's candidates, the unconditional branch); on the CPU the rows go through the model
+`chunk_tokens` tokens at a time into a reused logits buffer.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import logging
 import threading
 import time
@@ -43,17 +48,20 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from muse.guidance import Branches, conditional_rows, forward_with_guidance, unconditional_rows
+from muse.options import Guidance, SamplingOptions
 from sampling import DecodeOutput, DecodeSettings, DecodeState, NonFiniteLogits
 
 log = logging.getLogger(__name__)
 
-# On the CPU, at most this many tokens go through the model in one forward. glibc hands allocations above 32 MiB
-# straight to the OS and takes them back on free, so a many-row forward page-faults its layer activations afresh at
-# every decoding step (bench-256, 16 rows: ~130k minor faults per forward, about 10% of its time); forwards of 1024
-# tokens keep the largest activation, the MLP's, at 8 MiB for width 512, which the heap reuses (~38k faults).
+# On the CPU, at most this many tokens go through the model in one call (the default of `Engine(chunk_tokens=...)`).
+# glibc hands allocations above 32 MiB straight to the OS and takes them back on free, so a many-row forward
+# page-faults its layer activations afresh at every decoding step (bench-256, 16 rows: ~130k minor faults per forward,
+# about 10% of its time); calls of 1024 tokens keep the largest activation, the MLP's, at 8 MiB for width 512, which
+# the heap reuses (~38k faults).
 CPU_TOKENS_PER_FORWARD = 1024
 # A tick leaves out rows that need no forward (finished rows, first-step duplicates) only when they are at least this
-# share of its rows; below it, computing them is cheaper than re-cutting the others' context (see `_Group._plan`).
+# share of its rows; below it, computing them is cheaper than re-cutting the others' context (see `_Group._row_plan`).
 MIN_ROWS_SAVED = 0.25
 
 
@@ -79,60 +87,109 @@ class TokenPredictor(Protocol):
 
 @dataclass(frozen=True)
 class Job:
-    """One parallel decode on one stage.
+    """One parallel decode on one stage, with the sampling options whole (as a request carries them).
 
     tokens: (B, L) long starting grid, row-major over `grid` = (h, w), the model's mask id where unknown. context: B
-    rows, or 2B with guidance (guidance_scale > 1): the B conditional rows, then the B unconditional ones.
-    row_keys: optionally one key per context row, equal keys meaning equal context rows (a prompt); rows of an
-    all-masked grid with equal keys then compute their first step once. stage: which stage of a cascade the job
-    decodes (0 base, 1 super-resolution), reported in its events.
+    rows, or 2B when `options` guide ([conditional; unconditional], `muse.guidance`). stage: which stage of a cascade
+    the job decodes (0 base, 1 super-resolution): it picks the stage's decode settings from `options` and is
+    reported in the job's events. row_keys: optionally one key per context row, equal keys meaning equal context
+    rows (a prompt); rows of an all-masked grid with equal keys then compute their first step once.
     """
 
     model: TokenPredictor
     tokens: Tensor
     grid: tuple[int, int]
     context: Context
-    settings: DecodeSettings
+    options: SamplingOptions
     seeds: Tensor
-    guidance_scale: float = 1.0
-    guidance_schedule: str = "constant"
-    row_keys: tuple[Hashable, ...] | None = None
     stage: int = 0
+    row_keys: tuple[Hashable, ...] | None = None
 
     def __post_init__(self) -> None:
-        B = self.tokens.shape[0]
-        if self.tokens.ndim != 2 or self.tokens.shape[1] != self.grid[0] * self.grid[1]:
-            raise ValueError(f"job tokens must be (B, h * w) for grid {self.grid}, got {tuple(self.tokens.shape)}")
-        if self.context.batch_size != B * (2 if self.guided else 1):
-            raise ValueError(f"the job's context has {self.context.batch_size} rows; {B} grids need "
-                             f"{B * (2 if self.guided else 1)} (conditional, then unconditional when guided)")
+        _check_rows(self)
         if self.row_keys is not None and len(self.row_keys) != self.context.batch_size:
             raise ValueError(f"row_keys must have one key per context row ({self.context.batch_size}), got "
                              f"{len(self.row_keys)}")
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale > 1.0
 
     @property
     def batch_size(self) -> int:
         return self.tokens.shape[0]
 
     @property
-    def forward_rows(self) -> int:
-        """Rows this job adds to a forward: its grids, twice with guidance."""
-        return self.batch_size * (2 if self.guided else 1)
+    def guidance(self) -> Guidance:
+        return self.options.guidance
+
+    @property
+    def context_rows(self) -> int:
+        """Rows this job adds to a forward (what `Engine(max_rows=...)` counts): its grids, twice when guided."""
+        return self.context.batch_size
+
+    @functools.cached_property
+    def settings(self) -> DecodeSettings:
+        """The decode settings of the job's stage."""
+        return self.options.decode_settings(self.stage)
 
     def scale_at(self, step: int) -> float:
-        """Guidance scale at step `step` of `settings.num_steps`: constant, or ramped from 1 to guidance_scale,
-        reached at the last step (Muse). Written in terms of progress: trailing steps may be skipped."""
-        if self.guidance_schedule == "linear":
-            return 1.0 + (self.guidance_scale - 1.0) * (step + 1) / self.settings.num_steps
-        return self.guidance_scale
+        """Guidance scale at step `step` (0 first) of the stage's steps (`Guidance.scale_at`)."""
+        return self.guidance.scale_at(step, self.settings.num_steps)
 
 
-# A task: yields jobs, receives each one's DecodeOutput, returns its result.
-TaskSteps = Generator[Job, DecodeOutput, Any]
+@dataclass(frozen=True)
+class ScoreJob:
+    """Score complete grids instead of decoding them: the result is (B, L) float32, the guided log-probability of
+    each token of `tokens` (B, L) under its context (B rows, or 2B when `options` guide), read in one forward.
+
+    Editing's confidence mode re-masks the tokens the model believes least; asking the engine (rather than calling
+    the model beside it) batches the scoring with every other job in flight, within `max_rows`, and guides it as the
+    options say. A complete grid is what a decode's last step leaves, so it is scored at the last step's scale of
+    stage `stage`'s steps (for both schedules that is `guidance_scale`, where the linear ramp ends).
+    """
+
+    model: TokenPredictor
+    tokens: Tensor
+    grid: tuple[int, int]
+    context: Context
+    options: SamplingOptions
+    stage: int = 0
+
+    def __post_init__(self) -> None:
+        _check_rows(self)
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def guidance(self) -> Guidance:
+        return self.options.guidance
+
+    @property
+    def context_rows(self) -> int:
+        """Rows this job adds to a forward (what `Engine(max_rows=...)` counts): its grids, twice when guided."""
+        return self.context.batch_size
+
+    @property
+    def scale(self) -> float:
+        """The guidance scale of a complete grid: the stage's last step's."""
+        num_steps = self.options.decode_settings(self.stage).num_steps
+        return self.guidance.scale_at(num_steps - 1, num_steps)
+
+
+def _check_rows(job: Job | ScoreJob) -> None:
+    """A job's grids and context rows agree (one context row per grid, two when guided)."""
+    B = job.tokens.shape[0]
+    if job.tokens.ndim != 2 or job.tokens.shape[1] != job.grid[0] * job.grid[1]:
+        raise ValueError(f"job tokens must be (B, h * w) for grid {job.grid}, got {tuple(job.tokens.shape)}")
+    if not isinstance(job.options, SamplingOptions):
+        raise TypeError(f"a job's options must be SamplingOptions, got {type(job.options).__name__}")
+    need = job.options.guidance.context_rows(B)
+    if job.context.batch_size != need:
+        raise ValueError(f"the job's context has {job.context.batch_size} rows; {B} grids need {need} "
+                         f"(conditional, then unconditional when guided)")
+
+
+# A task: yields jobs, receives each one's result (a Job's DecodeOutput, a ScoreJob's (B, L) scores), returns its own.
+TaskSteps = Generator["Job | ScoreJob", "DecodeOutput | Tensor", Any]
 
 
 @dataclass
@@ -249,10 +306,10 @@ class TaskHandle:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The forward
+# The forward in chunks
 
 
-def forward_rows(
+def forward_chunks(
     model: TokenPredictor,
     tokens: Tensor,
     positions: Tensor,
@@ -261,7 +318,7 @@ def forward_rows(
     buffer: list[Tensor],
     widths: Sequence[int] | None = None,
 ) -> Tensor:
-    """The model over rows `tokens` (N, L) at `positions` (N, M), one forward per chunk of rows with its context ->
+    """The model over rows `tokens` (N, L) at `positions` (N, M), one call per chunk of rows with its context ->
     float32 logits (N, M, K). With several chunks the logits land in `buffer[0]`, grown when too small and reused.
 
     widths: optionally, per chunk, how many leading positions its rows need (their largest still-masked count; the
@@ -286,19 +343,19 @@ def forward_rows(
     return out
 
 
-def split_rows(context: Context, rows_per_forward: int) -> list[tuple[slice, Context]]:
-    """Chunks of at most `rows_per_forward` rows, each with its context (views)."""
+def chunk_context(context: Context, rows_per_chunk: int) -> list[tuple[slice, Context]]:
+    """Chunks of at most `rows_per_chunk` rows, each with its context (views)."""
     R = context.batch_size
-    if rows_per_forward >= R:
+    if rows_per_chunk >= R:
         return [(slice(0, R), context)]
-    return [(slice(s, s + rows_per_forward), context.select(slice(s, s + rows_per_forward)))
-            for s in range(0, R, rows_per_forward)]
+    return [(slice(s, s + rows_per_chunk), context.select(slice(s, s + rows_per_chunk)))
+            for s in range(0, R, rows_per_chunk)]
 
 
-def rows_per_forward(device: torch.device, num_tokens: int, rows: int) -> int:
-    """How many rows of `num_tokens` tokens one forward takes: all on an accelerator, CPU_TOKENS_PER_FORWARD worth on
-    the CPU (see there)."""
-    return max(1, CPU_TOKENS_PER_FORWARD // num_tokens) if device.type == "cpu" else max(1, rows)
+def rows_per_chunk(device: torch.device, num_tokens: int, rows: int, chunk_tokens: int = CPU_TOKENS_PER_FORWARD) -> int:
+    """How many rows of `num_tokens` tokens one model call takes: all on an accelerator, `chunk_tokens` worth on the
+    CPU (see `CPU_TOKENS_PER_FORWARD`)."""
+    return max(1, chunk_tokens // num_tokens) if device.type == "cpu" else max(1, rows)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -311,129 +368,203 @@ class _Running:
     def __init__(self, handle: TaskHandle) -> None:
         self.handle = handle
         self.steps = handle._task.steps
-        self.jobs_started = 0
-        self.job: _ActiveJob | None = None
         self.started = False
+        self.decodes_started = 0  # its decode jobs so far: `Step.job` numbers them (scoring jobs emit no steps)
+        self.current: _ActiveJob | None = None
 
 
 class _ActiveJob:
-    def __init__(self, job: Job, task: _Running, index: int) -> None:
+    """A job the engine holds (waiting for rows, or admitted into a group): the job as yielded (`job`), its task,
+    its decode state while the group's state is not merged, its steps run and where its rows sit in its group."""
+
+    def __init__(self, job: Job | ScoreJob, task: _Running) -> None:
         self.job = job
         self.task = task
-        self.index = index  # which job of its task
-        self.state = DecodeState.start(job.tokens, mask_token_id=job.model.config.mask_token_id, seeds=job.seeds,
-                                       settings=job.settings)
         self.steps_run = 0
-        # An all-masked start: every row's first forward sees the same grid, so equal context rows are computed once.
-        self.fresh_start = bool(self.state.unknown.all())
-        self.start = 0  # its rows in the group's merged state: [start, start + B)
+        self.start = 0  # its grids in the group's rows: [start, start + B)
         self.uncond_start = 0  # its unconditional rows in the group's unconditional block, when guided
+        self.scoring = isinstance(job, ScoreJob)
+        mask_id = job.model.config.mask_token_id
+        if self.scoring:
+            if bool((job.tokens == mask_id).any()):
+                raise ValueError("a ScoreJob's grids must be complete: its tokens hold the mask id")
+            self.index = -1  # emits no Step events
+            self.state: DecodeState | None = None
+            self.fresh_start = False
+        else:
+            self.index = task.decodes_started  # which decode job of its task
+            self.state = DecodeState.start(job.tokens, mask_token_id=mask_id, seeds=job.seeds, settings=job.settings)
+            # An all-masked start: every row's first forward sees the same grid, so equal context rows are computed
+            # once.
+            self.fresh_start = bool(self.state.unknown.all())
 
     @property
     def rows(self) -> slice:
+        """Its grid rows in the group."""
         return slice(self.start, self.start + self.job.batch_size)
+
+    def scale(self) -> float:
+        """Its guidance scale for this tick: a decode's at its step, a scoring job's at the last step."""
+        return self.job.scale if self.scoring else self.job.scale_at(self.steps_run)
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """Which of a forward's R rows the model computes: `compute` (N,) of them (None: all R), and per forward row the
+    computed row it copies (`source` (R,), N for "none": its grid has nothing left to commit); `chunks` of the
+    computed rows with their context; rows left out because they share a computed row (`shared`) or have nothing
+    left to commit (`idle`)."""
+
+    compute: Tensor | None
+    source: Tensor | None
+    chunks: list[tuple[slice, Context]]
+    shared: int = 0
+    idle: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        """The forward rows computed (the chunks cover them all)."""
+        return sum(rows.stop - rows.start for rows, _ in self.chunks)
+
+
+@dataclass(frozen=True)
+class _TickPlan:
+    """What one tick runs, the schedule phase's answer: one group's B grid rows at `positions` (B, M); which of them
+    run a second time for guidance and each job's scale at its step (`branches`); which forward rows the model
+    computes, in which chunks (`rows`), each chunk as wide as `widths` says."""
+
+    group: _Group
+    positions: Tensor
+    branches: Branches
+    rows: _RowPlan
+    widths: list[int] | None
 
 
 class _Group:
-    """The admitted jobs that share a model and a grid shape: one merged decode state, one forward per tick."""
+    """The admitted jobs of one kind (decode or score) that share a model and a grid shape: one forward per tick over
+    all their rows. Decode jobs' states are merged into one `state` until a job joins or leaves; scoring jobs'
+    complete grids are simply stacked."""
 
-    def __init__(self, model: TokenPredictor, grid: tuple[int, int]) -> None:
+    def __init__(self, model: TokenPredictor, grid: tuple[int, int], scoring: bool, chunk_tokens: int) -> None:
         self.model = model
         self.grid = grid
+        self.scoring = scoring
+        self.chunk_tokens = chunk_tokens
         self.jobs: list[_ActiveJob] = []
         self.state: DecodeState | None = None
+        self.tokens: Tensor | None = None  # (B, L): the merged state's, or the scoring jobs' grids
         self.dirty = True
         self.buffer = [torch.empty(0)]
 
+    # -- membership -------------------------------------------------------------------------------------------------
+
+    def add(self, active: _ActiveJob) -> None:
+        self._split()
+        self.jobs.append(active)
+        self.dirty = True
+
+    def remove(self, leaving: list[_ActiveJob]) -> None:
+        """Take jobs out; the others take their rows back out of the merged state, merged again before the next
+        forward."""
+        self.jobs = [active for active in self.jobs if active not in leaving]
+        self._split()
+        self.dirty = True
+
+    def _split(self) -> None:
+        """Give every job its own rows of the merged state back (so that the group can be laid out anew)."""
+        if self.state is not None:
+            device = self.state.tokens.device
+            for active in self.jobs:
+                active.state = self.state.select(torch.arange(active.start, active.start + active.job.batch_size,
+                                                              device=device))
+        self.state = None
+
+    # -- layout -----------------------------------------------------------------------------------------------------
+
     def rebuild(self) -> None:
-        """Merge the jobs' states and contexts after jobs joined or left."""
-        # Widest first: contiguous row chunks then hold rows with similar still-masked counts, and each chunk's last
-        # layer and head run at its own rows' width (`forward_rows(widths=...)`), not the widest row of the tick.
-        self.jobs.sort(key=lambda job: -int(job.state.remaining.max()))
-        states = [job.state for job in self.jobs]  # each job holds its own rows while the group is not merged
+        """Lay the rows out after jobs joined or left: merge the jobs' grids, and build the forward's context --
+        every grid's conditional row, then the guided grids' unconditional rows (`Branches.repeat`)."""
+        self._split()
+        if not self.scoring:
+            # Widest first: contiguous row chunks then hold rows with similar still-masked counts, and each chunk's
+            # last layer and head run at its own rows' width (`forward_chunks(widths=...)`), not the widest row's.
+            self.jobs.sort(key=lambda active: -int(active.state.remaining.max()))
         start = uncond = 0
-        for job in self.jobs:
-            job.start = start
-            start += job.job.batch_size
-            if job.job.guided:
-                job.uncond_start = uncond
-                uncond += job.job.batch_size
-        self.state = DecodeState.cat(states)
-        for job in self.jobs:
-            job.state = None  # the merged state holds its rows from now on
-        B = self.state.batch_size
-        device = self.state.tokens.device
-        guided = [j for j in self.jobs if j.job.guided]
-        # Forward rows: every grid under its conditional context, then the guided grids under their unconditional one.
-        uncond_grid_rows = [r for j in guided for r in range(j.start, j.start + j.job.batch_size)]
+        for active in self.jobs:
+            active.start = start
+            start += active.job.batch_size
+            if active.job.guidance.on:
+                active.uncond_start = uncond
+                uncond += active.job.batch_size
+        if self.scoring:
+            self.tokens = torch.cat([active.job.tokens for active in self.jobs])  # (B, L)
+        else:
+            self.state = DecodeState.cat([active.state for active in self.jobs])
+            self.tokens = self.state.tokens
+            for active in self.jobs:
+                active.state = None  # the merged state holds its rows from now on
+        B = self.tokens.shape[0]
+        device = self.tokens.device
+        guided = [active for active in self.jobs if active.job.guidance.on]
+        uncond_grid_rows = [r for active in guided for r in range(active.start, active.start + active.job.batch_size)]
         self.grid_rows = list(range(B)) + uncond_grid_rows  # the grid row of each forward row
         if len(guided) == len(self.jobs):
-            self.uncond_rows: Tensor | slice | None = slice(0, B)
+            self.repeat: Tensor | slice | None = slice(0, B)
         elif not guided:
-            self.uncond_rows = None
+            self.repeat = None
         else:
-            self.uncond_rows = torch.tensor(uncond_grid_rows, dtype=torch.long, device=device)
-        contexts = [j.job.context.select(slice(0, j.job.batch_size)) if j.job.guided else j.job.context
-                    for j in self.jobs]
-        contexts += [j.job.context.select(slice(j.job.batch_size, None)) for j in guided]
+            self.repeat = torch.tensor(uncond_grid_rows, dtype=torch.long, device=device)
+        contexts = [active.job.context.select(conditional_rows(active.job.batch_size)) if active.job.guidance.on
+                    else active.job.context for active in self.jobs]
+        contexts += [active.job.context.select(unconditional_rows(active.job.batch_size)) for active in guided]
         self.context = type(contexts[0]).cat(contexts)
+        # The key of each forward row, in the same order (scoring jobs have none: their grids differ).
         self.keys: list[Hashable | None] = []
-        for j in self.jobs:
-            keys = j.job.row_keys
-            self.keys += list(keys[: j.job.batch_size]) if keys is not None else [None] * j.job.batch_size
-        for j in guided:
-            keys = j.job.row_keys
-            self.keys += list(keys[j.job.batch_size :]) if keys is not None else [None] * j.job.batch_size
-        self.per_forward = rows_per_forward(device, self.grid[0] * self.grid[1], self.context.batch_size)
-        self.chunks = split_rows(self.context, self.per_forward)
+        for active in self.jobs:
+            self.keys += _keys(active.job, conditional_rows(active.job.batch_size))
+        for active in guided:
+            self.keys += _keys(active.job, unconditional_rows(active.job.batch_size))
+        self.rows_per_chunk = rows_per_chunk(device, self.grid[0] * self.grid[1], self.context.batch_size,
+                                             self.chunk_tokens)
+        self.all_rows = _RowPlan(None, None, chunk_context(self.context, self.rows_per_chunk))
         self._plan_key: tuple | None = None
-        self._plan_value: tuple = (None, None, None)
+        self._plan_value = self.all_rows
         self.dirty = False
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, int]:
-        """Logits (B, M, K) for the merged state's rows at `positions`, guidance mixed; and the rows forwarded."""
-        state = self.state
-        B = state.batch_size
-        tokens = state.tokens
-        if self.uncond_rows is not None:
-            tokens = torch.cat([tokens, tokens[self.uncond_rows]])  # (R, L)
-            positions = torch.cat([positions, positions[self.uncond_rows]])  # (R, M)
-        rows, source, chunks = self._plan()
-        remaining = state.remaining.tolist()
-        if rows is None:
-            widths = [max(remaining[g] for g in self.grid_rows[c]) for c, _ in self.chunks]
-            logits = forward_rows(self.model, tokens, positions, self.chunks, self.grid, self.buffer,
-                                  widths)  # (R, M, K)
-            computed = tokens.shape[0]
-        else:
-            grid_rows = [self.grid_rows[r] for r in rows.tolist()]
-            widths = [max(remaining[g] for g in grid_rows[c]) for c, _ in chunks]
-            some = forward_rows(self.model, tokens[rows], positions[rows], chunks, self.grid, self.buffer, widths)
-            computed = rows.shape[0]
-            # Rows that share a computed row copy it; rows with nothing left to commit get zeros, never read.
-            logits = torch.cat([some, some.new_zeros(1, *some.shape[1:])])[source]  # (R, M, K)
-        for j in self.jobs:
-            if j.job.guided:
-                # uncond + s * (cond - uncond), in place in the forward's output, each job with its own scale.
-                cond = logits[j.rows]
-                uncond = logits[B + j.uncond_start : B + j.uncond_start + j.job.batch_size]
-                cond.sub_(uncond).mul_(j.job.scale_at(j.steps_run)).add_(uncond)
-        return logits[:B], computed
+    # -- the tick's plan --------------------------------------------------------------------------------------------
 
-    def _plan(self) -> tuple[Tensor | None, Tensor | None, list[tuple[slice, Context]] | None]:
-        """Which forward rows to compute this tick: (rows (N,), each forward row's source among them or N for "none"
-        (R,), their chunks), or Nones when it is all of them. Two kinds of rows are left out: rows whose grid has
-        nothing left to commit (a small hole finishes before the others), and, at the first step of all-masked
-        jobs, rows whose key an earlier row shares -- they see the same grid and context, so the same logits.
-        The plan changes only when a row finishes or a job takes its first step, so it is cached."""
+    def positions(self) -> Tensor:
+        """(B, M) the positions each row needs logits at: its still-masked ones (a decode), or all (a score)."""
+        if self.scoring:
+            B, L = self.tokens.shape
+            return torch.arange(L, device=self.tokens.device).expand(B, L)
+        return self.state.positions()
+
+    def branches(self) -> Branches:
+        """Which rows run under the unconditional context too, and each guided job's scale at this tick."""
+        B = self.tokens.shape[0]
+        mixes = tuple((active.rows, slice(B + active.uncond_start, B + active.uncond_start + active.job.batch_size),
+                       active.scale()) for active in self.jobs if active.job.guidance.on)
+        return Branches(self.repeat, mixes)
+
+    def row_plan(self) -> _RowPlan:
+        """Which forward rows to compute this tick. Two kinds of rows are left out: rows whose grid has nothing left
+        to commit (a small hole finishes before the others), and, at the first step of all-masked jobs, rows whose
+        key an earlier row shares -- they see the same grid and context, so the same logits. The plan changes only
+        when a row finishes or a job takes its first step, so it is cached."""
+        if self.scoring:
+            return self.all_rows
         done = self.state.done.tolist()
         fresh = [False] * self.state.batch_size
-        for j in self.jobs:
-            if j.fresh_start and j.steps_run == 0:
-                fresh[j.rows] = [True] * j.job.batch_size
+        for active in self.jobs:
+            if active.fresh_start and active.steps_run == 0:
+                fresh[active.rows] = [True] * active.job.batch_size
         key = (tuple(done), tuple(fresh))
-        if key == self._plan_key:
-            return self._plan_value
+        if key != self._plan_key:
+            self._plan_key, self._plan_value = key, self._row_plan(done, fresh)
+        return self._plan_value
+
+    def _row_plan(self, done: list[bool], fresh: list[bool]) -> _RowPlan:
         first: dict[Hashable, int] = {}  # key -> index among the computed rows
         compute: list[int] = []
         source: list[int] = []
@@ -449,22 +580,64 @@ class _Group:
         # Leaving rows out costs a copy of the other rows' context (and of their logits) whenever the plan changes,
         # which with requests arriving every tick is every tick: worth it only for a large share of the rows.
         if len(compute) > (1 - MIN_ROWS_SAVED) * len(self.grid_rows):
-            plan = (None, None, None)
-        else:
-            device = self.state.tokens.device
-            rows = torch.tensor(compute, dtype=torch.long, device=device)
-            index = torch.tensor([len(compute) if s < 0 else s for s in source], dtype=torch.long, device=device)
-            plan = (rows, index, split_rows(self.context.select(rows), self.per_forward) if compute else [])
-        self._plan_key, self._plan_value = key, plan
-        return plan
+            return self.all_rows
+        device = self.tokens.device
+        rows = torch.tensor(compute, dtype=torch.long, device=device)
+        index = torch.tensor([len(compute) if s < 0 else s for s in source], dtype=torch.long, device=device)
+        chunks = chunk_context(self.context.select(rows), self.rows_per_chunk) if compute else []
+        idle = sum(1 for s in source if s < 0)
+        return _RowPlan(rows, index, chunks, shared=len(source) - len(compute) - idle, idle=idle)
+
+    def widths(self, rows: _RowPlan) -> list[int] | None:
+        """Per chunk, the largest still-masked count of its rows (a score reads every position: None)."""
+        if self.scoring:
+            return None
+        remaining = self.state.remaining.tolist()
+        grid_rows = self.grid_rows if rows.compute is None else [self.grid_rows[r] for r in rows.compute.tolist()]
+        return [max(remaining[g] for g in grid_rows[c]) for c, _ in rows.chunks]
+
+    # -- the forward ------------------------------------------------------------------------------------------------
+
+    def compute(self, tokens: Tensor, positions: Tensor, rows: _RowPlan, widths: list[int] | None) -> Tensor:
+        """The forward rows `tokens` (R, L) at `positions` (R, M) -> logits (R, M, K), computing only `rows`: rows
+        that share a computed row copy it; rows with nothing left to commit get zeros, never read."""
+        if rows.compute is None:
+            return forward_chunks(self.model, tokens, positions, rows.chunks, self.grid, self.buffer, widths)
+        some = forward_chunks(self.model, tokens[rows.compute], positions[rows.compute], rows.chunks, self.grid,
+                              self.buffer, widths)  # (N, M, K)
+        return torch.cat([some, some.new_zeros(1, *some.shape[1:])])[rows.source]  # (R, M, K)
+
+    # -- results ----------------------------------------------------------------------------------------------------
+
+    def scores(self, logits: Tensor) -> Tensor:
+        """(B, L) float32: each token's log-probability under the guided logits (B, L, K) read at every position."""
+        log_probs = logits.log_softmax(dim=-1).gather(-1, self.tokens[..., None])[..., 0]  # (B, L)
+        finite = torch.isfinite(log_probs).all(dim=1)
+        if not bool(finite.all()):
+            raise NonFiniteLogits((~finite).nonzero()[:, 0].tolist())
+        return log_probs
+
+    def output(self, active: _ActiveJob) -> DecodeOutput:
+        rows = torch.arange(active.start, active.start + active.job.batch_size, device=self.tokens.device)
+        return self.state.select(rows).output(active.steps_run)
+
+
+def _keys(job: Job | ScoreJob, rows: slice) -> list[Hashable | None]:
+    keys = job.row_keys if isinstance(job, Job) else None
+    return list(keys[rows]) if keys is not None else [None] * job.batch_size
 
 
 @dataclass
 class EngineStats:
-    """Counters since the engine was made (read them for metrics and benchmarks)."""
+    """Counters since the engine was made (read them for metrics, benchmarks and tests). A tick runs one forward
+    over one group's rows, in one model call per chunk of rows (several on the CPU, see `Engine(chunk_tokens=...)`);
+    each guided grid is two rows of it."""
 
     ticks: int = 0
-    rows_forwarded: int = 0  # context rows run through a model, summed over ticks
+    model_calls: int = 0  # calls of a model, summed over ticks
+    rows_forwarded: int = 0  # forward rows computed, summed over ticks
+    rows_shared: int = 0  # forward rows not computed because an identical row was (first step of all-masked grids)
+    rows_idle: int = 0  # forward rows not computed because their grid had nothing left to commit
     tasks_finished: int = 0
     tasks_failed: int = 0
     tasks_cancelled: int = 0
@@ -473,19 +646,25 @@ class EngineStats:
 
     @property
     def rows_per_forward(self) -> float:
+        """Mean forward rows computed per tick."""
         return self.rows_forwarded / self.ticks if self.ticks else 0.0
-
 
 class Engine:
     """Runs tasks, batching the decoding steps of every job in flight (see the module docstring).
 
-    max_rows: forward rows in flight (a guided row counts twice); a job that does not fit waits in the queue, but a
-    job alone is always admitted. max_queued: tasks waiting beyond which `submit` raises `EngineFull`.
+    max_rows: forward rows in flight (`Job.context_rows`: a guided grid counts twice); a job that does not fit waits
+    in the queue, but a job alone is always admitted. max_queued: tasks waiting beyond which `submit` raises
+    `EngineFull`. chunk_tokens: on the CPU, at most this many tokens go through a model in one call (see
+    `CPU_TOKENS_PER_FORWARD`); the results do not depend on it.
     """
 
-    def __init__(self, *, max_rows: int | None = None, max_queued: int | None = None) -> None:
+    def __init__(self, *, max_rows: int | None = None, max_queued: int | None = None,
+                 chunk_tokens: int = CPU_TOKENS_PER_FORWARD) -> None:
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
         self.max_rows = max_rows
         self.max_queued = max_queued
+        self.chunk_tokens = chunk_tokens
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -493,8 +672,7 @@ class Engine:
         self._queued_tasks = 0  # submitted, not yet started (under _lock)
         self._tasks: dict[TaskHandle, _Running] = {}
         self._pending: deque[_ActiveJob] = deque()  # yielded jobs not yet admitted, in order
-        self._groups: dict[tuple[int, tuple[int, int]], _Group] = {}
-        self._order = itertools.count()
+        self._groups: dict[tuple[int, tuple[int, int], bool], _Group] = {}  # by (model, grid, scoring)
         self._turn = 0
         self._drive = threading.Lock()
         self._thread: threading.Thread | None = None  # the thread driving the ticks (start's, or drive's caller)
@@ -578,7 +756,7 @@ class Engine:
 
     @property
     def rows_in_flight(self) -> int:
-        return sum(j.job.forward_rows for g in self._groups.values() for j in g.jobs)
+        return sum(active.job.context_rows for group in self._groups.values() for active in group.jobs)
 
     @property
     def queued(self) -> int:
@@ -592,19 +770,134 @@ class Engine:
         return len(self._tasks)
 
     def tick(self) -> bool:
-        """One step of the engine: admit, then run one group's forward and advance it. False when idle."""
+        """One tick: take new tasks and cancellations, then schedule -> execute -> update one group. False when
+        idle."""
         with torch.inference_mode():
             self._take_inbox()
-            self._admit()
-            group = self._next_group()
-            if group is None:
+            plan = self._schedule()
+            if plan is None:
                 return False
             t0 = time.perf_counter()
-            self._step(group)
+            try:
+                logits = self._execute(plan)
+            except Exception as e:  # a failed forward (out of memory, a bug) fails every job that was in it
+                log.exception("a forward over %d jobs failed", len(plan.group.jobs))
+                self._fail_jobs(plan.group, list(plan.group.jobs), e)
+            else:
+                self._update(plan, logits)
             self.stats.busy_seconds += time.perf_counter() - t0
             return True
 
-    # -- internals ----------------------------------------------------------------------------------------------
+    # -- the three phases of a tick -------------------------------------------------------------------------------
+
+    def _schedule(self) -> _TickPlan | None:
+        """Admit waiting jobs, pick the group whose turn it is, and plan its forward; None when nothing is in
+        flight."""
+        self._admit()
+        group = self._next_group()
+        if group is None:
+            return None
+        if group.dirty:
+            group.rebuild()
+        rows = group.row_plan()
+        return _TickPlan(group, group.positions(), group.branches(), rows, group.widths(rows))
+
+    def _execute(self, plan: _TickPlan) -> Tensor:
+        """One forward over the group's rows (a model call per chunk), guidance mixed -> logits (B, M, K)."""
+        group = plan.group
+
+        def forward(tokens: Tensor, positions: Tensor) -> Tensor:  # (R, L), (R, M) -> (R, M, K)
+            return group.compute(tokens, positions, plan.rows, plan.widths)
+
+        return forward_with_guidance(forward, group.tokens, plan.positions, plan.branches)
+
+    def _update(self, plan: _TickPlan, logits: Tensor) -> None:
+        """Advance every row one step (or read the scores), count the tick, emit step events, and hand the finished
+        jobs' results to their tasks, which go on to their next job."""
+        group = plan.group
+        try:
+            if group.scoring:
+                scores = group.scores(logits)
+            else:
+                group.state.advance(plan.positions, logits)
+        except NonFiniteLogits as e:
+            bad = [active for active in group.jobs
+                   if any(active.start <= r < active.start + active.job.batch_size for r in e.rows)]
+            self._fail_jobs(group, bad, ValueError(f"the model returned NaN or infinite logits ({e})"))
+            return
+        except Exception as e:
+            log.exception("advancing %d jobs failed", len(group.jobs))
+            self._fail_jobs(group, list(group.jobs), e)
+            return
+        self._count(plan)
+        if group.scoring:
+            results = [(active, scores[active.rows]) for active in group.jobs]
+        else:
+            finished = self._report_steps(group)
+            results = [(active, group.output(active)) for active in finished]
+        if results:
+            self._leave(group, [active for active, _ in results])
+            for active, result in results:
+                active.task.current = None
+                self._resume(active.task, result)
+
+    # -- the phases' parts --------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Move waiting jobs into their groups, in order, while their rows fit under `max_rows`."""
+        admitted = False
+        while self._pending:
+            active = self._pending[0]
+            in_flight = self.rows_in_flight
+            if self.max_rows is not None and in_flight and in_flight + active.job.context_rows > self.max_rows:
+                break
+            self._pending.popleft()
+            job = active.job
+            key = (id(job.model), job.grid, active.scoring)
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(job.model, job.grid, active.scoring, self.chunk_tokens)
+            group.add(active)
+            admitted = True
+        if admitted:
+            for position, active in enumerate(self._pending):
+                active.task.handle._emit(Queued(position))
+
+    def _next_group(self) -> _Group | None:
+        """The groups take turns, so a stage or grid shape never starves the others."""
+        if not self._groups:
+            return None
+        groups = list(self._groups.values())
+        self._turn = (self._turn + 1) % len(groups)
+        return groups[self._turn]
+
+    def _count(self, plan: _TickPlan) -> None:
+        computed = plan.rows.num_rows
+        self.stats.ticks += 1
+        self.stats.model_calls += len(plan.rows.chunks)
+        self.stats.rows_forwarded += computed
+        self.stats.rows_shared += plan.rows.shared
+        self.stats.rows_idle += plan.rows.idle
+        self.stats.last_rows = computed
+
+    def _report_steps(self, group: _Group) -> list[_ActiveJob]:
+        """Count a step for every decode job of the group, emit its Step event; the jobs now finished."""
+        remaining = group.state.remaining.tolist()
+        finished = []
+        for active in group.jobs:
+            active.steps_run += 1
+            masked = sum(remaining[active.rows])
+            if active.task.handle._on_event is not None:
+                rows, state, job = active.rows, group.state, active.job
+                active.task.handle._emit(Step(job=active.index, index=active.steps_run,
+                                              num_steps=job.settings.num_steps, masked=masked, grid=job.grid,
+                                              stage=job.stage,
+                                              preview=lambda state=state, rows=rows: state.preview()[rows]))
+            if masked == 0:
+                finished.append(active)
+        return finished
+
+    # -- tasks --------------------------------------------------------------------------------------------------
 
     def _post(self, message: tuple[str, TaskHandle]) -> None:
         with self._lock:
@@ -638,16 +931,16 @@ class Engine:
                     self._queued_tasks -= 1
                 if handle.done():  # cancelled before it started
                     continue
-                running = _Running(handle)
-                self._tasks[handle] = running
-                self._resume(running, None)
+                task = _Running(handle)
+                self._tasks[handle] = task
+                self._resume(task, None)
             elif kind == "cancel":
                 self._cancel(handle)
 
-    def _resume(self, task: _Running, output: DecodeOutput | None) -> None:
+    def _resume(self, task: _Running, result: DecodeOutput | Tensor | None) -> None:
         """Run the task's code up to its next job (queued at the front: a task in progress goes first) or its end."""
         try:
-            job = next(task.steps) if not task.started else task.steps.send(output)
+            job = next(task.steps) if not task.started else task.steps.send(result)
             task.started = True
         except StopIteration as stop:
             self._end(task, result=stop.value)
@@ -655,24 +948,25 @@ class Engine:
         except Exception as e:
             self._end(task, error=e)
             return
-        if not isinstance(job, Job):
-            self._end(task, error=TypeError(f"a task must yield Job objects, got {type(job).__name__}"))
+        if not isinstance(job, (Job, ScoreJob)):
+            self._end(task, error=TypeError(f"a task must yield Job or ScoreJob objects, got {type(job).__name__}"))
             return
         try:
-            active = _ActiveJob(job, task, task.jobs_started)
+            active = _ActiveJob(job, task)
         except Exception as e:
             self._end(task, error=e)
             return
-        task.jobs_started += 1
-        task.job = active
-        if output is None:
+        if not active.scoring:
+            task.decodes_started += 1
+        task.current = active
+        if result is None:
             self._pending.append(active)
         else:
             self._pending.appendleft(active)
 
     def _end(self, task: _Running, result: Any = None, error: BaseException | None = None) -> None:
         self._tasks.pop(task.handle, None)
-        task.job = None
+        task.current = None
         if error is None:
             self.stats.tasks_finished += 1
         elif isinstance(error, Cancelled):
@@ -688,114 +982,26 @@ class Engine:
                 handle._finish(error=Cancelled("cancelled before it started"))
                 self.stats.tasks_cancelled += 1
             return
-        job = task.job
-        if job is not None:
-            if job in self._pending:
-                self._pending.remove(job)
+        active = task.current
+        if active is not None:
+            if active in self._pending:
+                self._pending.remove(active)
             else:
-                self._remove(job)
+                self._leave(self._group_of(active), [active])
         task.steps.close()
         self._end(task, error=Cancelled("cancelled"))
 
-    def _remove(self, job: _ActiveJob) -> None:
-        """Take a job out of its group; the group is merged again before its next forward."""
-        group = self._groups[(id(job.job.model), job.job.grid)]
-        self._detach(group, [job])
+    def _group_of(self, active: _ActiveJob) -> _Group:
+        return self._groups[(id(active.job.model), active.job.grid, active.scoring)]
 
-    def _detach(self, group: _Group, leaving: list[_ActiveJob]) -> None:
-        keep = [j for j in group.jobs if j not in leaving]
-        if group.state is not None and keep:
-            device = group.state.tokens.device
-            for j in keep:  # each survivor takes its rows back out of the merged state
-                j.state = group.state.select(torch.arange(j.start, j.start + j.job.batch_size, device=device))
-        group.jobs = keep
-        group.state = None
-        group.dirty = True
-        if not keep:
-            del self._groups[(id(group.model), group.grid)]
-
-    def _admit(self) -> None:
-        admitted = False
-        while self._pending:
-            job = self._pending[0]
-            in_flight = self.rows_in_flight
-            if self.max_rows is not None and in_flight and in_flight + job.job.forward_rows > self.max_rows:
-                break
-            self._pending.popleft()
-            key = (id(job.job.model), job.job.grid)
-            group = self._groups.get(key)
-            if group is None:
-                group = self._groups[key] = _Group(job.job.model, job.job.grid)
-            elif group.state is not None:
-                self._detach_all(group)
-            group.jobs.append(job)
-            group.dirty = True
-            admitted = True
-        if admitted:
-            for position, job in enumerate(self._pending):
-                job.task.handle._emit(Queued(position))
-
-    def _detach_all(self, group: _Group) -> None:
-        """Give every job of a merged group its own state back, so that the group can be merged with newcomers."""
-        device = group.state.tokens.device
-        for j in group.jobs:
-            j.state = group.state.select(torch.arange(j.start, j.start + j.job.batch_size, device=device))
-        group.state = None
-
-    def _next_group(self) -> _Group | None:
-        """The groups take turns, so a stage or grid shape never starves the others."""
-        if not self._groups:
-            return None
-        groups = list(self._groups.values())
-        self._turn = (self._turn + 1) % len(groups)
-        return groups[self._turn]
-
-    def _step(self, group: _Group) -> None:
-        if group.dirty:
-            if group.state is not None:
-                self._detach_all(group)
-            group.rebuild()
-        positions = group.state.positions()  # (B, M)
-        try:
-            logits, computed = group.forward(positions)
-            group.state.advance(positions, logits)
-        except NonFiniteLogits as e:
-            bad = [j for j in group.jobs if any(j.start <= r < j.start + j.job.batch_size for r in e.rows)]
-            self._fail_jobs(group, bad, ValueError(f"the model returned NaN or infinite logits ({e})"))
-            return
-        except Exception as e:  # a failed forward (out of memory, a bug) fails every job that was in it
-            log.exception("a forward over %d jobs failed", len(group.jobs))
-            self._fail_jobs(group, list(group.jobs), e)
-            return
-        self.stats.ticks += 1
-        self.stats.rows_forwarded += computed
-        self.stats.last_rows = computed
-        remaining = group.state.remaining.tolist()
-        finished = []
-        for j in group.jobs:
-            j.steps_run += 1
-            masked = sum(remaining[j.rows])
-            if j.task.handle._on_event is not None:
-                rows = j.rows
-                state = group.state
-                j.task.handle._emit(Step(job=j.index, index=j.steps_run, num_steps=j.job.settings.num_steps,
-                                         masked=masked, grid=j.job.grid, stage=j.job.stage,
-                                         preview=lambda state=state, rows=rows: state.preview()[rows]))
-            if masked == 0:
-                finished.append(j)
-        if finished:
-            device = group.state.tokens.device
-            outputs = []
-            for j in finished:
-                rows = torch.arange(j.start, j.start + j.job.batch_size, device=device)
-                outputs.append(group.state.select(rows).output(j.steps_run))
-            self._detach(group, finished)
-            for j, output in zip(finished, outputs):
-                j.task.job = None
-                self._resume(j.task, output)
+    def _leave(self, group: _Group, leaving: list[_ActiveJob]) -> None:
+        """Take jobs out of their group (dropped with its last job)."""
+        group.remove(leaving)
+        if not group.jobs:
+            del self._groups[(id(group.model), group.grid, group.scoring)]
 
     def _fail_jobs(self, group: _Group, jobs: list[_ActiveJob], error: BaseException) -> None:
-        self._detach(group, jobs)
-        for j in jobs:
-            j.task.steps.close()
-            self._end(j.task, error=error)
+        self._leave(group, jobs)
+        for active in jobs:
+            active.task.steps.close()
+            self._end(active.task, error=error)

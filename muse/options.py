@@ -43,6 +43,35 @@ def fast_bfloat16(device: Any) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """A job's classifier-free guidance: the scale, and how it changes over the steps (`SamplingOptions.guidance`;
+    the mix and the row layout are in `muse.guidance`, which imports torch).
+
+    schedule: "constant", or "linear": ramped from 1 to `scale`, reached at the last step (Muse).
+    """
+
+    scale: float = 1.0
+    schedule: str = "constant"
+
+    @property
+    def on(self) -> bool:
+        """Whether guidance runs: a scale of at most 1 means the conditional logits alone (0 and 1 alike), so no
+        unconditional rows are computed. The one place this rule is written."""
+        return self.scale > 1.0
+
+    def context_rows(self, batch: int) -> int:
+        """Context rows of a job of `batch` grids: each grid, twice when guided ([conditional; unconditional])."""
+        return 2 * batch if self.on else batch
+
+    def scale_at(self, step: int, num_steps: int) -> float:
+        """The scale at step `step` (0 first) of `num_steps`. Written in terms of progress: trailing steps may be
+        skipped (a row whose tokens are all committed stops early)."""
+        if self.schedule == "linear":
+            return 1.0 + (self.scale - 1.0) * (step + 1) / num_steps
+        return self.scale
+
+
 def _option(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple | None = None) -> Any:
     """A field of `SamplingOptions` with the text every entry point shows for it."""
     return field(default=default, metadata={"help": help, "flags": flags, "choices": choices})
@@ -93,8 +122,14 @@ class SamplingOptions:
         self.decode_settings(1)
 
     @property
+    def guidance(self) -> Guidance:
+        """The guidance scale and schedule as one value."""
+        return Guidance(self.guidance_scale, self.guidance_schedule)
+
+    @property
     def guided(self) -> bool:
-        return self.guidance_scale > 1.0
+        """Whether guidance runs (`Guidance.on`: the one place the rule is written)."""
+        return self.guidance.on
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> SamplingOptions:
         """These options with the given fields replaced; an unknown name raises TypeError naming it."""

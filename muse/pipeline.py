@@ -59,7 +59,8 @@ from muse import bundled
 from muse.bundled import DEFAULT_PRESET, PIPELINE_FILE, bundled_presets
 from muse.components import ROLES, kind_of, load_component, parse_components
 from muse.data.images import to_rgb
-from muse.engine import Engine, Event, Job, Task, TaskHandle, TaskSteps, forward_rows, rows_per_forward, split_rows
+from muse.engine import Engine, Event, Job, ScoreJob, Task, TaskHandle, TaskSteps
+from muse.guidance import with_unconditional
 from muse.options import PRECISIONS, Limits, SamplingOptions, fast_bfloat16, option_names
 from sampling import (
     Window,
@@ -161,6 +162,7 @@ class _Call:
 
     @property
     def guided(self) -> bool:
+        """Whether guidance runs (the rule is `muse.options.Guidance.on`)."""
         return self.options.guided
 
     @property
@@ -174,7 +176,7 @@ class _Call:
     @property
     def text_rows(self) -> list[str]:
         """The prompt of each text-context row: B conditional rows, then B unconditional ones when guided."""
-        return self.prompts + self.negatives if self.guided else self.prompts
+        return with_unconditional(self.prompts, self.negatives) if self.guided else self.prompts
 
     def repeat(self, x: Tensor) -> Tensor:
         """(N, ...) inputs, one per prompt, -> (B, ...): each repeated for its images and candidates."""
@@ -800,7 +802,7 @@ class MusePipeline:
         changed = torch.zeros_like(low, dtype=torch.bool)
         for iteration in range(iterations):
             seeds = _substream(call.seeds, 0, iteration, 0)
-            confidence = None if mode == "random" else self._confidence(low, context, call)
+            confidence = None if mode == "random" else (yield from self._confidence(low, context, call))
             remask = edit_mask(tuple(low.shape), strength, seeds, confidence)  # (B, h, w)
             changed |= remask
             low, log_prob = yield from self._fill(low.masked_fill(remask, mask_id), call, context, iteration=iteration)
@@ -942,7 +944,7 @@ class MusePipeline:
                        window.left // r : (window.left + window.width) // r]  # (B, h', w')
             flat = crop.reshape(crop.shape[0], -1)  # (B, h' * w')
             if call.guided:
-                flat = torch.cat([flat, flat])
+                flat = with_unconditional(flat, flat)  # (2B, h' * w')
             return self.superres.context(flat, text.states, text.mask, low_grid=tuple(crop.shape[1:]))
 
         overlap = r * self._overlap(self.transformer.config.grid_size)
@@ -983,10 +985,8 @@ class MusePipeline:
                 tokens=crop.reshape(B, h * w),  # (B, L)
                 grid=(h, w),
                 context=context_of(win),
-                settings=call.options.decode_settings(stage),
+                options=call.options,
                 seeds=_substream(call.seeds, stage, iteration, index),
-                guidance_scale=call.options.guidance_scale,
-                guidance_schedule=call.options.guidance_schedule,
                 row_keys=row_keys,
                 stage=stage,
             )
@@ -995,8 +995,13 @@ class MusePipeline:
             decoded += out.generated.sum(dim=1)
         return grid, log_prob_sum / decoded.clamp(min=1)
 
-    def _confidence(self, tokens: Tensor, context: TextContext, call: _Call) -> Tensor:
-        """(B, h, w) guided log-probability of each token of a complete grid under the call's prompts."""
+    def _confidence(self, tokens: Tensor, context: TextContext, call: _Call) -> TaskSteps:
+        """Steps returning (B, h, w): the guided log-probability of each token of the complete base grid `tokens`
+        (B, h, w) under the call's prompts, one model-sized window at a time (where windows overlap, the later one's).
+
+        Each window is a `ScoreJob` handed to the engine, not a model call made here: the engine batches it with
+        every other job in flight (and counts its rows against `max_rows`), and guides it as the call's options say,
+        `guidance_schedule` included (a complete grid is scored at the scale of a decode's last step)."""
         g = self.transformer.config.grid_size
         B = tokens.shape[0]
         confidence = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
@@ -1004,11 +1009,9 @@ class MusePipeline:
         for win in plan_windows(everything, (g, g), self._overlap(g)):
             crop = tokens[:, win.rows, win.cols]
             h, w = crop.shape[1:]
-            flat = crop.reshape(B, h * w)  # (B, L)
-            positions = torch.arange(h * w, device=tokens.device).expand(B, h * w)
-            logits = guided_logits(self.transformer, flat, positions, context, (h, w), call.options.guidance_scale)
-            log_probs = logits.log_softmax(dim=-1).gather(-1, flat[..., None])  # (B, L, 1)
-            confidence[:, win.rows, win.cols] = log_probs.view(B, h, w)  # (B, h, w)
+            scores = yield ScoreJob(model=self.transformer, tokens=crop.reshape(B, h * w), grid=(h, w),
+                                    context=context, options=call.options)  # (B, L)
+            confidence[:, win.rows, win.cols] = scores.view(B, h, w)  # (B, h, w)
         return confidence
 
     def _overlap(self, side: int) -> int:
@@ -1056,27 +1059,6 @@ class MusePipeline:
         return PipelineOutput(images=images, tokens=tokens, seeds=[s for s in call.image_seeds for _ in range(n)],
                               prompts=list(call.prompts), low_res_tokens=low,
                               candidate_seeds=row_seeds if n > 1 else None)
-
-
-def guided_logits(
-    model: nn.Module,
-    tokens: Tensor,
-    positions: Tensor,
-    context: TextContext,
-    grid: tuple[int, int],
-    guidance_scale: float,
-) -> Tensor:
-    """Logits (B, M, K) of one forward with classifier-free guidance: `context` holds B rows, or 2B (conditional,
-    then unconditional) with guidance_scale > 1, mixed as uncond + s * (cond - uncond). For a single forward outside
-    the engine (editing's confidence), with the engine's row chunks."""
-    if guidance_scale > 1:
-        tokens, positions = torch.cat([tokens, tokens]), torch.cat([positions, positions])  # (2B, L), (2B, M)
-    chunks = split_rows(context, rows_per_forward(tokens.device, grid[0] * grid[1], tokens.shape[0]))
-    logits = forward_rows(model, tokens, positions, chunks, grid, [torch.empty(0)])
-    if guidance_scale <= 1:
-        return logits
-    cond, uncond = logits.chunk(2)  # each (B, M, K)
-    return uncond + guidance_scale * (cond - uncond)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -425,10 +425,8 @@ def sample_tokens(
         tokens=torch.full((B, L), model.config.mask_token_id, dtype=torch.long, device=device),
         grid=(side, side),
         context=stage_context(model, rows),
-        settings=options.decode_settings(0),
+        options=options,
         seeds=torch.arange(B, dtype=torch.int64, device=device) + seed,
-        guidance_scale=options.guidance_scale,
-        guidance_schedule=options.guidance_schedule,
     )
     return run_job(job).tokens
 

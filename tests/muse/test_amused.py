@@ -10,7 +10,8 @@ import torch
 
 from muse.engine import Engine
 from muse.options import amused_options
-from muse.pipeline import MusePipeline, guided_logits
+from muse.guidance import guided_logits
+from muse.pipeline import MusePipeline
 from tests.amused_fixture import MASK_TOKEN_ID, write_amused_directory
 
 pytest.importorskip("diffusers")

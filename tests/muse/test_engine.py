@@ -1,5 +1,6 @@
-"""The decoding engine: jobs of many tasks share each tick's forward, and every task's tokens are bit-identical to its
-solo run; cancellation frees rows; step events; the first-step sharing and the CPU row chunks of the forward."""
+"""The decoding engine, through its public contract: jobs of many tasks share each tick's forward, and every task's
+tokens are bit-identical to its solo run; cancellation frees rows; step events; scoring jobs; what a forward saves
+(first-step sharing, finished rows, CPU chunks) as `engine.stats` counts it, with results equal to solo runs."""
 
 import dataclasses
 import threading
@@ -9,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import muse.engine as engine_module
-from muse.engine import Cancelled, Engine, EngineFull, Finished, Job, Queued, Step, Task
-from muse.pipeline import MusePipeline, guided_logits
+from muse.engine import Cancelled, Engine, EngineFull, Finished, Job, Queued, ScoreJob, Step, Task, run_job, single_job
+from muse.guidance import Guidance, guided_logits
+from muse.options import SamplingOptions
+from muse.pipeline import MusePipeline
 from sampling import DecodeSettings
 
 
@@ -198,8 +200,8 @@ def test_non_finite_logits_fail_only_the_job_that_produced_them(tiny_pipe):
     def job(predictor):
         text = tiny_pipe.text_encoder(["a dog"])
         context = model.text_context(text.states, text.mask)
-        return Job(predictor, torch.full((1, 16), model.config.mask_token_id), (4, 4), context, DecodeSettings(),
-                   torch.tensor([1]))
+        return Job(predictor, torch.full((1, 16), model.config.mask_token_id), (4, 4), context,
+                   SamplingOptions(guidance_scale=1.0), torch.tensor([1]))
 
     def one(predictor):
         out = yield job(predictor)
@@ -277,52 +279,115 @@ def test_drive_serves_other_threads_on_the_calling_one_until_stopped(tiny_pipe):
             engine.stop()
 
 
-def count_forwards(monkeypatch, model):
-    rows = []
-    real = model.forward
-
-    def counted(tokens, *args, **kwargs):
-        rows.append(tokens.shape[0])
-        return real(tokens, *args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", counted)
-    return rows
-
-
-def test_all_masked_rows_with_the_same_prompt_share_their_first_step(tiny_pipe, monkeypatch):
-    rows = count_forwards(monkeypatch, tiny_pipe.transformer)
-    tiny_pipe(["a dog", "a dog", "a cat", "a dog"], seed=0, num_steps=3)
-    assert rows == [3, 8, 8]  # dog, cat and the empty prompt once each; then every row under both branches
-    rows.clear()
+def test_all_masked_rows_with_the_same_prompt_share_their_first_step(tiny_pipe):
+    engine = Engine()
+    shared = engine.run(tiny_pipe.generate_task(["a dog", "a dog", "a cat", "a dog"], seed=0, num_steps=3))
+    # 8 rows at each of 3 steps (4 grids under both branches); at the first, dog, cat and the empty prompt once each.
+    assert engine.stats.rows_shared == 8 - 3 and engine.stats.rows_forwarded == 3 * 8 - engine.stats.rows_shared
+    for row, prompt in enumerate(["a dog", "a dog", "a cat", "a dog"]):  # exactly what each computes alone
+        assert torch.equal(shared.tokens[row], tiny_pipe(prompt, seed=row, num_steps=3).tokens[0])
     engine = Engine()  # across tasks too: two requests for the same prompt
     a, b = engine.submit(tiny_pipe.generate_task("a dog", seed=0, num_steps=2)), \
         engine.submit(tiny_pipe.generate_task("a dog", seed=1, num_steps=2))
     while not (a.done() and b.done()):
         engine.tick()
-    assert rows == [2, 4]
+    assert engine.stats.rows_shared == 4 - 2
+    assert torch.equal(b.result().tokens, tiny_pipe("a dog", seed=1, num_steps=2).tokens)
 
 
-def test_rows_with_nothing_left_to_commit_leave_the_forward(tiny_pipe, picture, monkeypatch):
+def test_rows_with_nothing_left_to_commit_leave_the_forward(tiny_pipe, picture):
     small, large = np.zeros((16, 16), bool), np.zeros((16, 16), bool)
     small[:4, :4] = True  # one token (no dilation below): done after its first step
     large[:, :12] = True
     pipe = MusePipeline(tiny_pipe.vqgan, tiny_pipe.text_encoder, tiny_pipe.transformer,
                         config=dataclasses.replace(tiny_pipe.config, mask_dilation=0))
     alone = [pipe.inpaint("a cat", image=picture, mask=m, seed=s) for m, s in ((small, 1), (large, 2))]
-    rows = count_forwards(monkeypatch, pipe.transformer)
+    engine = pipe.engine = Engine()
     both = pipe.inpaint("a cat", image=[picture, picture], mask=np.stack([small, large]), seed=[1, 2])
-    assert rows[0] == 4 and rows[1:] == [2] * (len(rows) - 1)  # the finished row's two branches are left out
+    steps = engine.stats.ticks
+    assert steps > 1 and engine.stats.rows_idle == 2 * (steps - 1)  # the finished row's two branches, every later step
+    assert engine.stats.rows_forwarded == 4 + 2 * (steps - 1)
     for i in range(2):
         assert torch.equal(both.tokens[i], alone[i].tokens[0])
 
 
-def test_cpu_forwards_run_in_chunks_of_rows_with_the_same_result(tiny_pipe, monkeypatch):
-    whole = tiny_pipe(["a dog", "a cat", "a red apple"], seed=[1, 2, 3], num_steps=3)
-    monkeypatch.setattr(engine_module, "CPU_TOKENS_PER_FORWARD", 32)  # 2 rows of 16 tokens per forward
-    rows = count_forwards(monkeypatch, tiny_pipe.transformer)
-    chunked = tiny_pipe(["a dog", "a cat", "a red apple"], seed=[1, 2, 3], num_steps=3)
-    assert torch.equal(chunked.tokens, whole.tokens)
-    assert rows == [2, 2] + [2, 2, 2] * 2  # 4 distinct rows at the first step, then 6
+def test_cpu_forwards_run_in_chunks_of_rows_with_the_same_result(tiny_pipe):
+    prompts, seeds = ["a dog", "a cat", "a red apple"], [1, 2, 3]
+    whole, chunked = Engine(), Engine(chunk_tokens=32)  # 2 rows of 16 tokens per model call
+    a = whole.run(tiny_pipe.generate_task(prompts, seed=seeds, num_steps=3))
+    b = chunked.run(tiny_pipe.generate_task(prompts, seed=seeds, num_steps=3))
+    assert torch.equal(a.tokens, b.tokens)
+    assert whole.stats.model_calls == whole.stats.ticks == 3
+    assert chunked.stats.ticks == 3 and chunked.stats.model_calls == 2 + 3 + 3  # 4 distinct rows first, then 6
+    with pytest.raises(ValueError, match="chunk_tokens must be at least 1"):
+        Engine(chunk_tokens=0)
+
+
+class Recording(torch.nn.Module):
+    """A token predictor (the engine's public protocol) that records how wide each call's positions are."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.widths = model, model.config, []
+
+    def forward(self, tokens, context, positions, grid):
+        self.widths.append(positions.shape[1])
+        return self.model(tokens, context, positions, grid)
+
+
+def job(pipe, model, prompts, options, seed=0):
+    text = pipe.text_encoder(prompts + ([""] * len(prompts) if options.guided else []))
+    context = pipe.transformer.text_context(text.states, text.mask)
+    tokens = torch.full((len(prompts), 16), pipe.transformer.config.mask_token_id)
+    return Job(model, tokens, (4, 4), context, options, torch.arange(len(prompts)) + seed)
+
+
+def test_the_model_is_asked_only_for_still_masked_positions(tiny_pipe):
+    model = Recording(tiny_pipe.transformer)
+    out = run_job(job(tiny_pipe, model, ["a dog", "a cat"], SamplingOptions(num_steps=4, guidance_scale=3.0)))
+    assert model.widths[0] == 16 and all(a > b for a, b in zip(model.widths, model.widths[1:]))
+    assert len(model.widths) == out.num_steps_run == 4
+    assert int(out.tokens.max()) < tiny_pipe.transformer.config.mask_token_id
+
+
+def test_a_score_job_returns_guided_log_probabilities_batched_with_decodes(tiny_pipe):
+    model = tiny_pipe.transformer
+    options = SamplingOptions(num_steps=4, guidance_scale=3.0, guidance_schedule="linear")
+    tokens = torch.randint(0, 16, (2, 16), generator=torch.Generator().manual_seed(0))
+    text = tiny_pipe.text_encoder(["a dog", "a cat", "", ""])
+    context = model.text_context(text.states, text.mask)
+
+    def score(rows):
+        return (yield ScoreJob(model, tokens[rows], (4, 4), context.select(torch.tensor(rows + [r + 2 for r in rows])),
+                               options))
+
+    engine, steps = Engine(), []
+    decoding = engine.submit(single_job(job(tiny_pipe, model, ["a car"], options)), on_event=steps.append)
+    first, second = engine.submit(Task(score([0]))), engine.submit(Task(score([1])))
+    engine.tick()
+    engine.tick()  # the groups take turns: the decode's rows, then both scores' rows in one forward
+    assert first.done() and second.done() and engine.stats.ticks == 2
+    assert len([e for e in steps if isinstance(e, Step)]) == 1
+    with torch.inference_mode():
+        logits = guided_logits(model, tokens, torch.arange(16).expand(2, 16), context, (4, 4), 3.0)  # the last step's
+    expected = logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    assert torch.equal(torch.cat([first.result(), second.result()]), expected)
+    while not decoding.done():
+        engine.tick()
+    assert torch.equal(decoding.result().tokens, run_job(job(tiny_pipe, model, ["a car"], options)).tokens)
+    with pytest.raises(ValueError, match="grids must be complete"):
+        engine.run(Task(iter([ScoreJob(model, torch.full((2, 16), model.config.mask_token_id), (4, 4), context,
+                                       options)])))
+
+
+def test_edit_confidence_scores_its_tokens_through_the_engine(tiny_pipe, picture, monkeypatch):
+    ticks = {}
+    for mode in ("random", "confidence"):
+        engine = Engine()
+        monkeypatch.setattr(tiny_pipe, "engine", engine)
+        tiny_pipe.edit("a green apple", image=picture, strength=0.5, iterations=2, mode=mode, seed=2, num_images=2)
+        ticks[mode] = engine.stats.ticks
+    assert ticks["confidence"] == ticks["random"] + 2  # one scoring forward per round, both images in it
 
 
 def test_guided_logits_mix_the_branches_on_the_logits(tiny_pipe):
@@ -338,20 +403,22 @@ def test_guided_logits_mix_the_branches_on_the_logits(tiny_pipe):
     assert torch.allclose(mixed, uncond + 3.0 * (cond - uncond), atol=1e-5)
 
 
-def test_linear_guidance_ramps_from_one_to_the_scale():
-    job = Job(model=None, tokens=torch.zeros(1, 4, dtype=torch.long), grid=(2, 2),
-              context=type("C", (), {"batch_size": 2})(), settings=DecodeSettings(num_steps=4), seeds=torch.zeros(1),
-              guidance_scale=3.0, guidance_schedule="linear")
-    assert [job.scale_at(i) for i in range(4)] == [1.5, 2.0, 2.5, 3.0]
+def test_guidance_is_on_above_one_and_linear_guidance_ramps_from_one_to_the_scale():
+    assert [Guidance(s).on for s in (0.0, 1.0, 1.5)] == [False, False, True]
+    assert [Guidance(3.0, "linear").scale_at(i, 4) for i in range(4)] == [1.5, 2.0, 2.5, 3.0]
+    assert SamplingOptions(guidance_scale=3.0, guidance_schedule="linear").guidance == Guidance(3.0, "linear")
+    assert not SamplingOptions(guidance_scale=1.0).guided
 
 
 def test_a_job_checks_its_rows():
-    settings = DecodeSettings()
+    options = SamplingOptions(guidance_scale=2.0)
     context = type("C", (), {"batch_size": 1})()
     with pytest.raises(ValueError, match="context has 1 rows; 1 grids need 2"):
-        Job(None, torch.zeros(1, 4, dtype=torch.long), (2, 2), context, settings, torch.zeros(1), guidance_scale=2.0)
+        Job(None, torch.zeros(1, 4, dtype=torch.long), (2, 2), context, options, torch.zeros(1))
     with pytest.raises(ValueError, match=r"\(B, h \* w\)"):
-        Job(None, torch.zeros(1, 5, dtype=torch.long), (2, 2), context, settings, torch.zeros(1))
+        Job(None, torch.zeros(1, 5, dtype=torch.long), (2, 2), context, options, torch.zeros(1))
+    with pytest.raises(TypeError, match="options must be SamplingOptions"):
+        Job(None, torch.zeros(1, 4, dtype=torch.long), (2, 2), context, DecodeSettings(), torch.zeros(1))
 
 
 def test_an_image_result_is_the_same_through_the_sync_api(tiny_pipe, picture):

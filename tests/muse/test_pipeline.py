@@ -1,10 +1,11 @@
 """MusePipeline generation: seeds, batch independence, parity of the cached/guided logits with a naive computation,
-forward counts, negative prompts, the super-res cascade, and save -> load."""
+forwards per step (as `engine.stats` counts them), negative prompts, the super-res cascade, and save -> load."""
 
 import numpy as np
 import pytest
 import torch
 
+from muse.engine import Engine
 from muse.pipeline import MusePipeline, PipelineOutput
 from sampling import decode
 
@@ -94,25 +95,26 @@ def count_calls(monkeypatch, obj, name):
 
 
 def test_guidance_runs_one_batched_forward_per_step_and_one_context_per_call(tiny_pipe, monkeypatch):
-    forwards = count_calls(monkeypatch, tiny_pipe.transformer, "forward")
     contexts = count_calls(monkeypatch, tiny_pipe.transformer, "text_context")
-    tiny_pipe(["a dog", "a cat"], seed=0, num_steps=4, guidance_scale=3.0)
+    engine = Engine()
+    monkeypatch.setattr(tiny_pipe, "engine", engine)
+    out = tiny_pipe(["a dog", "a cat"], seed=0, num_steps=4, guidance_scale=3.0)
     assert len(contexts) == 1 and contexts[0][0].shape[0] == 4  # [cond; uncond] encoded together once
-    assert len(forwards) == 4
-    # The first step's grids are all masked: the two prompts and the one shared empty prompt are computed once each.
-    assert [call[0].shape[0] for call in forwards] == [3, 4, 4, 4]
-    assert all(tokens.shape[0] == positions.shape[0] for tokens, _, positions, _ in forwards)
-    # logits only at the still-masked positions: all 16 at first, fewer at every later step
-    widths = [positions.shape[1] for _, _, positions, _ in forwards]
-    assert widths[0] == 16 and all(a > b for a, b in zip(widths, widths[1:]))
+    assert engine.stats.ticks == engine.stats.model_calls == 4  # one forward per step, both branches in it
+    # Every grid under both branches at every step; at the first the grids are all masked, so the two prompts and the
+    # one shared empty prompt are computed once each.
+    assert engine.stats.rows_forwarded + engine.stats.rows_shared == 4 * 4 and engine.stats.rows_shared == 1
+    for row, prompt in enumerate(["a dog", "a cat"]):
+        assert torch.equal(out.tokens[row], tiny_pipe(prompt, seed=row, num_steps=4, guidance_scale=3.0).tokens[0])
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.0])
 def test_guidance_at_most_one_runs_no_unconditional_branch(tiny_pipe, monkeypatch, scale):
-    forwards = count_calls(monkeypatch, tiny_pipe.transformer, "forward")
     contexts = count_calls(monkeypatch, tiny_pipe.transformer, "text_context")
+    engine = Engine()
+    monkeypatch.setattr(tiny_pipe, "engine", engine)
     out = tiny_pipe(["a dog", "a cat"], seed=0, num_steps=4, guidance_scale=scale)
-    assert len(forwards) == 4 and all(call[0].shape[0] == 2 for call in forwards)
+    assert engine.stats.ticks == 4 and engine.stats.rows_forwarded == 2 * 4 and engine.stats.rows_shared == 0
     assert len(contexts) == 1 and contexts[0][0].shape[0] == 2
     # scale 0 and 1 both mean "conditional logits only"
     assert torch.equal(out.tokens, tiny_pipe(["a dog", "a cat"], seed=0, num_steps=4, guidance_scale=1.0).tokens)

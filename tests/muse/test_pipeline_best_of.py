@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from muse.pipeline import SCORER_DIR, MusePipeline, guided_logits
+from muse.guidance import guided_logits
+from muse.pipeline import SCORER_DIR, MusePipeline
 from muse.scorer import PromptScorer, ScorerConfig, ScorerHeads
 from sampling import decode
 from transformer.saving import save_component

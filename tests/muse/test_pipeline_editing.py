@@ -73,21 +73,15 @@ def test_inpaint_with_nothing_masked_returns_the_input(tiny_pipe, picture):
     assert np.array_equal(np.asarray(out.images[0]), np.asarray(picture))
 
 
-def test_outpaint_beyond_the_grid_keeps_the_original_and_decodes_in_windows(tiny_pipe, picture, monkeypatch):
-    import muse.pipeline as pipeline_module
+def test_outpaint_beyond_the_grid_keeps_the_original_and_decodes_in_windows(tiny_pipe, picture):
+    from muse.engine import Step
 
-    decodes = []  # one engine job per window
-    real = pipeline_module.Job
-
-    def counted(**fields):
-        decodes.append(fields["tokens"].shape)
-        return real(**fields)
-
-    monkeypatch.setattr(pipeline_module, "Job", counted)
+    steps = []  # the job of each step event: one engine job per window
     pad = (8, 4, 24, 0)  # canvas 48 x 20 px = 12 x 5 tokens, larger than the 4 x 4 grid
-    out = tiny_pipe.outpaint("a sunny sky", image=picture, pad=pad, seed=1, num_images=2)
+    task = tiny_pipe.outpaint_task("a sunny sky", image=picture, pad=pad, seed=1, num_images=2)
+    out = tiny_pipe.engine.run(task, on_event=lambda e: steps.append(e) if isinstance(e, Step) else None)
     assert [im.size for im in out.images] == [(48, 20), (48, 20)] and out.tokens.shape == (2, 5, 12)
-    assert len(decodes) > 1 and all(shape[1] <= 16 for shape in decodes)
+    assert len({e.job for e in steps}) > 1 and all(e.grid[0] * e.grid[1] <= 16 for e in steps)
     for image in out.images:
         assert np.array_equal(np.asarray(image)[4:20, 8:24], np.asarray(picture))
     assert int(out.tokens.max()) < 16
