@@ -18,11 +18,12 @@ Imports torch and safetensors; the torch-free rest of `persist` does not import 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -32,6 +33,9 @@ from safetensors.torch import save as _save_bytes
 from torch import Tensor, nn
 
 from persist.files import atomic_write_bytes, atomic_write_json, read_json_object
+from persist.strict import dataclass_from_dict, dataclass_to_dict
+
+T = TypeVar("T")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -103,20 +107,22 @@ def load_state_dict_strict(module: nn.Module, state: Mapping[str, Tensor], sourc
                          f"unexpected keys {unexpected[:5]}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config needs "
-                             f"{tuple(expected[name].shape)}")
+            raise ValueError(f"{source} does not match the config: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"the config needs {tuple(expected[name].shape)}")
     module.load_state_dict(state, strict=True)
 
 
-def save_component(directory: str | os.PathLike, config: Mapping[str, Any], module: nn.Module, *,
+def save_component(directory: str | os.PathLike, config: Any, module: nn.Module, *,
                    dtype: torch.dtype | None = None, weights_name: str = WEIGHTS_NAME) -> None:
-    """Write the weights of `module` (floating-point ones in `dtype` when given) and `config.json` (`config` plus
-    `weights_sha256`) into `directory`, created if needed; each file atomically, the config last, so a crash between
-    the two leaves a hash that the new weights do not match -- refused on load, never half-loaded."""
+    """Write the weights of `module` (floating-point ones in `dtype` when given) and `config.json` (`config`, a
+    dataclass or a mapping, plus `weights_sha256`) into `directory`, created if needed; each file atomically, the
+    config last, so a crash between the two leaves a hash that the new weights do not match -- refused on load,
+    never half-loaded."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    data = dataclass_to_dict(config) if dataclasses.is_dataclass(config) else dict(config)
     digest = save_safetensors(directory / weights_name, cpu_state(module, dtype))
-    atomic_write_json(directory / CONFIG_NAME, {**config, WEIGHTS_HASH: digest})
+    atomic_write_json(directory / CONFIG_NAME, {**data, WEIGHTS_HASH: digest})
 
 
 def in_pipeline_directory(directory: str | os.PathLike) -> bool:
@@ -129,14 +135,12 @@ def read_component_config(directory: str | os.PathLike, *, weights_name: str = W
     """The content of `directory/config.json` without `weights_sha256`, and that hash (None only when
     `require_hash` is False and there is none: a foreign directory).
 
-    FileNotFoundError when the directory, its config or its weights file is missing; ValueError for an unreadable
-    config, or one of ours (`require_hash`) that records no valid hash."""
+    FileNotFoundError when the directory or its config is missing (a missing weights file is found when they are
+    read); ValueError for an unreadable config, or one of ours (`require_hash`) that records no valid hash."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no saved model at {directory}: the directory does not exist")
-    config_file, weights_file = directory / CONFIG_NAME, directory / weights_name
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} not found")
+    config_file = directory / CONFIG_NAME
     data = read_json_object(config_file)
     digest = data.pop(WEIGHTS_HASH, None)
     if digest is None and require_hash:
@@ -148,6 +152,14 @@ def read_component_config(directory: str | os.PathLike, *, weights_name: str = W
         raise ValueError(f"{config_file}: {WEIGHTS_HASH} must be 64 lowercase hex digits, got a "
                          f"{type(digest).__name__} of another form")
     return data, digest
+
+
+def read_component_dataclass(directory: str | os.PathLike, cls: type[T], *,
+                             weights_name: str = WEIGHTS_NAME) -> tuple[T, str]:
+    """The config of one of our components as the dataclass `cls` (strictly: `dataclass_from_dict`), and the
+    SHA-256 of its weights, which it must record (`read_component_config`)."""
+    data, digest = read_component_config(directory, weights_name=weights_name)
+    return dataclass_from_dict(cls, data, source=str(Path(directory) / CONFIG_NAME)), digest
 
 
 def read_component_weights(directory: str | os.PathLike, sha256: str | None, *,

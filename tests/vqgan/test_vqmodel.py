@@ -5,7 +5,8 @@ import torch
 from diffusers import VQModel as DiffusersVQModel
 
 from tests.amused_fixture import VQVAE, randomize_, write_amused_directory
-from vqgan.vqmodel import VQModel, VQModelConfig, load_strict
+from persist.weights import load_state_dict_strict as load_strict
+from vqgan.vqmodel import VQModel, VQModelConfig
 
 # aMUSEd's layout (five levels: factor 16, a decoder block more per level) at widths 8-16, and one with narrower codes
 # than latents, two blocks per level and no middle attention, which the diffusers class allows too.
