@@ -139,7 +139,7 @@ def read_component_config(directory: str | os.PathLike, *, weights_name: str = W
     read); ValueError for an unreadable config, or one of ours (`require_hash`) that records no valid hash."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"no saved model at {directory}: the directory does not exist")
+        raise FileNotFoundError(f"saved model directory not found: {directory}")
     config_file = directory / CONFIG_NAME
     data = read_json_object(config_file)
     digest = data.pop(WEIGHTS_HASH, None)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from muse.config import ScorerRun
 from muse.data.folder import pick_file, read_rows
 from muse.data.images import ImageTransform, load_rgb
 from muse.scorer import CHUNK, PromptScorer, contrastive_loss, target_ranks
+from persist import atomic_write
 
 
 @dataclass(frozen=True)
@@ -174,9 +174,7 @@ def split_features(scorer: PromptScorer, data_dir: Path, rows: list[dict], split
     features = Features(torch.stack(views), scorer.text_features(captions).cpu(), captions)
 
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + ".tmp")
-    torch.save({"images": features.images, "texts": features.texts}, tmp)
-    os.replace(tmp, cached)
+    atomic_write(cached, lambda tmp: torch.save({"images": features.images, "texts": features.texts}, tmp))
     return features
 
 

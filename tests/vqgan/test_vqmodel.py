@@ -99,7 +99,7 @@ def test_wrong_weights_raise_errors_naming_the_key(tmp_path):
     (tmp_path / "vq" / "config.json").write_text(json.dumps({**config, "mid_block_add_attention": False}))
     with pytest.raises(ValueError, match=r"unexpected keys \['decoder.mid_block.attentions.0.group_norm.bias'"):
         VQModel.from_pretrained(tmp_path / "vq")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="saved model directory not found: .*nowhere"):
         VQModel.from_pretrained(tmp_path / "nowhere")
 
 
