@@ -56,7 +56,7 @@ CASES = {
     "empty dataset": (lambda d: (d / "metadata.jsonl").write_text(""), [], "no captioned images"),
     "every image corrupt": (lambda d: [p.write_bytes(b"nope") for p in d.glob("*.png")], [],
                             "none of the 4 images could be read"),
-    "bad metadata line": (lambda d: metadata_line(d, "{oops"), [], "metadata.jsonl:7: not valid JSON"),
+    "bad metadata line": (lambda d: metadata_line(d, "{oops"), [], "metadata.jsonl:7 is not valid JSON"),
     "metadata line without a file": (lambda d: metadata_line(d, {"caption": "x"}), [],
                                      "metadata.jsonl:7: each line needs 'caption' and 'file'"),
     "file outside the dataset": (lambda d: metadata_line(d, {"file": "../../x.png", "caption": "x"}), [],
