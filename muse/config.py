@@ -238,10 +238,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     (`MAX_YAML_DEPTH`, no aliases): a small file cannot expand into gigabytes or exhaust the parser's stack. Every
     error is a one-line `ConfigError` naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = read_bytes_bounded(path, MAX_CONFIG_BYTES)
+        raw = read_bytes_bounded(path, MAX_CONFIG_BYTES)  # a regular file only: a FIFO would block the read
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     try:
