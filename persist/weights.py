@@ -10,8 +10,10 @@ required, not optional:
   the hash cannot switch the check off. A component is ours when its config is one of our formats, or, for the
   diffusers layout, when it sits in a musegen pipeline directory (its parent holds `pipeline.json`).
 - Foreign directories -- a diffusers aMUSEd download (`model_index.json` beside `transformer/config.json`), a Hugging
-  Face text encoder -- carry no hash of ours. Their weights are read with safetensors only, which parses tensors and
-  executes no code (unlike pickle-based `.bin` / `.pt` files, which are never read from them).
+  Face BERT text encoder -- carry no hash of ours. Their weights are read here with safetensors only
+  (`load_unhashed_safetensors`), which parses tensors and executes no code; pickle-based `.bin` / `.pt` files are
+  never read by this module. (Other text encoders are loaded by transformers, whose `torch.load` fallback for `.bin`
+  files runs with `weights_only=True`.)
 
 Imports torch and safetensors; the torch-free rest of `persist` does not import this module.
 """

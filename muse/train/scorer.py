@@ -28,7 +28,7 @@ from muse.config import ScorerRun
 from muse.data.folder import pick_file, read_rows
 from muse.data.images import ImageTransform, load_rgb
 from muse.scorer import CHUNK, PromptScorer, contrastive_loss, target_ranks
-from persist import atomic_write
+from persist import atomic_write, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def fit(cfg: ScorerRun) -> ScorerTraining:
               "weight_decay": cfg.train.weight_decay, "source_sizes": list(cfg.data.source_sizes),
               "seed": cfg.train.seed, "final_loss": result.final_loss, "train": asdict(result.train),
               "heldout": None if result.heldout is None else asdict(result.heldout), "seconds": result.seconds}
-    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out / "training.json", report)
     return result
 
 
