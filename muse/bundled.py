@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from persist import read_json_object
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # bundled models, one pipeline directory per preset name
 DEFAULT_PRESET = "default"
@@ -22,8 +23,8 @@ def bundled_sampling_defaults() -> dict[str, Any]:
     """The bundled default model's sampling defaults as saved (for help texts); {} when it is not installed or
     unreadable."""
     try:
-        config = json.loads((ASSETS / DEFAULT_PRESET / PIPELINE_FILE).read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        config = read_json_object(ASSETS / DEFAULT_PRESET / PIPELINE_FILE)["config"]
+    except (OSError, ValueError, KeyError):
         return {}
     sampling = config.get("sampling", config) if isinstance(config, dict) else {}
     return sampling if isinstance(sampling, dict) else {}

@@ -10,24 +10,23 @@ every other top-level key is one of that dataclass's fields. Loading is strict: 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
 
 import yaml
 
+from persist import ConfigError, atomic_write_text, bounded_repr, dataclass_from_dict, read_bytes_bounded
+from persist import dataclass_to_dict as config_to_dict  # the dataclass as plain YAML/JSON-able data
 from superres.config import SuperResConfig
 from transformer.config import TextEncoderConfig, TransformerConfig
 from vqgan.config import VQGANConfig, VQGANLossConfig
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not match the dataclasses."""
+# A preset is a few kilobytes; a config file far larger is a mistake or an attack, refused before it is parsed.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_YAML_DEPTH = 32  # mapping / list levels; our presets use three
 
 
 @dataclass(frozen=True)
@@ -237,39 +236,47 @@ STAGES: dict[str, type] = {"vqgan": VQGANRun, "transformer": TransformerRun, "su
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Build the (nested, frozen) dataclass `cls` from plain data, strictly.
+    """Build the (nested, frozen) dataclass `cls` from plain data, strictly (`persist.dataclass_from_dict`).
 
     Unknown keys, missing required keys and values of the wrong type raise `ConfigError` naming the dotted path.
     """
-    return _convert(cls, data, path)
-
-
-def config_to_dict(cfg: Any) -> dict:
-    """The dataclass as plain YAML/JSON-able data (tuples become lists)."""
-    return _plain(dataclasses.asdict(cfg))
+    return dataclass_from_dict(cls, data, prefix=path)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML preset, apply `dotted.key=value` overrides, and build its run dataclass."""
+    """Read a YAML preset, apply `dotted.key=value` overrides, and build its run dataclass.
+
+    The file is bounded before it is parsed (`MAX_CONFIG_BYTES`, a regular file), and the YAML itself
+    (`MAX_YAML_DEPTH`, no aliases): a small file cannot expand into gigabytes or exhaust the parser's stack. Every
+    error is a one-line `ConfigError` naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raw = read_bytes_bounded(path, MAX_CONFIG_BYTES)  # a regular file only: a FIFO would block the read
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text: {e}") from None
+    data = _load_yaml(text, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     for item in overrides:
         _apply_override(data, item)
     stage = data.get("stage")
     if stage not in STAGES:
-        raise ConfigError(f"{path}: 'stage' must be one of {sorted(STAGES)}, got {stage!r}")
-    return from_dict(STAGES[stage], data)
+        raise ConfigError(f"{path}: 'stage' must be one of {sorted(STAGES)}, got {bounded_repr(stage)}")
+    try:
+        return from_dict(STAGES[stage], data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the run config `cfg` as a YAML preset that `load_config` reads back equal (atomically)."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _apply_override(data: dict, item: str) -> None:
@@ -282,89 +289,55 @@ def _apply_override(data: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = _load_yaml(raw, f"override {bounded_repr(item)}")
 
 
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    where = path or "<root>"
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _convert_dataclass(tp, value, path)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arg, value, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} matches none of {tp}: {'; '.join(errors)}")
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            items = [_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
-        else:
-            items = [_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        # YAML 1.1 reads `2e-4` (no dot) as a string; accept anything float() accepts.
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases and nesting deeper than MAX_YAML_DEPTH.
+
+    Aliases: nine anchors of nine aliases each make a 1 KB file stand for 9**9 values (the "billion laughs"); our
+    presets never need them, so any `*name` is refused rather than counted. Depth: the composer recurses once per
+    level, so 50000 `[` would end in a RecursionError; configs are a few levels deep. Both end in a one-line
+    error within milliseconds."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        # Checked as `[` / `{` are scanned, not only when composed: the scanner looks up to 1024 characters ahead
+        # for a possible simple key, at a cost quadratic in the open brackets.
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise _YAMLRefused(f"line {self.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep")
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _YAMLRefused(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a config file; "
+                               "write the value out")
+        self._depth += 1
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise ConfigError(f"{where}: unsupported field type {tp}")
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _YAMLRefused(f"line {mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
-def _convert_dataclass(cls: type, value: Any, path: str) -> Any:
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path or '<root>'}: expected a mapping for {cls.__name__}, got {value!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    prefix = f"{path}." if path else ""
-    for key in value:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in value:
-            kwargs[name] = _convert(hints[name], value[name], prefix + name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required config key '{prefix}{name}'")
+class _YAMLRefused(Exception):
+    """YAML that `_BoundedLoader` will not build."""
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    loader = _BoundedLoader(text)
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path or cls.__name__}: {e}") from None
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+        return loader.get_single_data()
+    except _YAMLRefused as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        # PyYAML's messages span lines (context, problem, marks): one line is easier to read in a log.
+        raise ConfigError(f"{source} is not valid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()

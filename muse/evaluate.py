@@ -38,7 +38,6 @@ the best-of-N comparison); raise `--num-prompts` and the rest for tighter number
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -54,6 +53,7 @@ from typing import TYPE_CHECKING
 from muse.data.captions import EVAL_TEMPLATES, caption_of
 from muse.options import PRECISIONS, SamplingOptions, add_option_arguments, given_options
 from muse.progress import progress
+from persist import atomic_write_json, atomic_write_text
 
 # torch, the pipeline and the scorer are imported where they are used, so that `muse eval --help` starts at once.
 if TYPE_CHECKING:
@@ -495,10 +495,8 @@ def write_report(report: EvalReport, out: str | os.PathLike) -> tuple[Path, Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / REPORT_JSON, out / REPORT_MD
-    for path, text in ((json_path, json.dumps(asdict(report), indent=2) + "\n"), (md_path, markdown(report))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    atomic_write_json(json_path, asdict(report))
+    atomic_write_text(md_path, markdown(report))
     return json_path, md_path
 
 

@@ -46,6 +46,7 @@ from PIL import Image
 
 from muse.bundled import bundled_sampling_defaults
 from muse.options import add_option_arguments, given_options
+from persist import atomic_write, atomic_write_text
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.part*.jsonl"
@@ -193,13 +194,8 @@ def _merge_manifest(out: Path) -> None:
     """Rewrite manifest.jsonl as one record per image, in index order, and remove the per-rank parts."""
     records = read_manifest(out)
     parts = sorted(out.glob(PART_GLOB))
-    tmp = out / (MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for index in sorted(records):
-            f.write(json.dumps(records[index], ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / MANIFEST)
+    atomic_write_text(out / MANIFEST,
+                      "".join(json.dumps(records[index], ensure_ascii=False) + "\n" for index in sorted(records)))
     for part in parts:
         part.unlink()
 
@@ -221,9 +217,7 @@ def _append(file: Path, records: list[dict]) -> None:
 
 def _save_png(image, path: Path) -> None:
     """Atomic, so a crash never leaves a truncated image under the final name. The format follows the suffix."""
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG")))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,9 +43,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from muse.config import ScorerConfig
+from persist.weights import load_component_weights, read_component_dataclass, save_component
 from muse.data.images import to_rgb
 from transformer.config import TextEncoderConfig
-from transformer.saving import load_config, load_weights, save_component
 from transformer.text import TextEncoder
 from vqgan.losses import EfficientNetLite0Features
 
@@ -218,11 +217,11 @@ class PromptScorer:
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> PromptScorer:
         """Load a scorer written by `save`. Raises FileNotFoundError for a missing directory or file and ValueError
-        for a corrupt or mismatched one, naming the file."""
-        path = Path(path)
-        config = load_config(path, ScorerConfig)
+        for a corrupt or mismatched one, or one whose config.json records no SHA-256 of the weights, naming the
+        file."""
+        config, digest = read_component_dataclass(path, ScorerConfig)
         scorer = cls(config, device=device)
-        load_weights(path, scorer.heads)
+        load_component_weights(path, scorer.heads, digest)
         return scorer
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from persist.weights import load_component_weights, read_component_dataclass, save_component
 from superres.config import SuperResConfig
 from transformer.model import Block, GridPositions, MaskedTransformer, TextContext, init_weights, resolve_grid
-from transformer.saving import load_config, load_weights, save_component
 
 
 class SuperResTransformer(nn.Module):
@@ -96,12 +96,15 @@ class SuperResTransformer(nn.Module):
         return self.high(high_tokens, context, positions, grid)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write config.json and model.safetensors (floating-point weights in `dtype` when given) into `path`."""
-        save_component(path, self.config, self, dtype)
+        """Write config.json (with the weights' SHA-256) and model.safetensors (floating-point weights in `dtype`
+        when given) into `path`."""
+        save_component(path, self.config, self, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> SuperResTransformer:
-        """Load a directory written by `save_pretrained`, in eval mode on the CPU."""
-        model = cls(load_config(path, SuperResConfig))
-        load_weights(path, model)
+        """Load a directory written by `save_pretrained`, in eval mode on the CPU; weights that do not match the
+        SHA-256 its config.json records (or a config that records none) are refused."""
+        config, digest = read_component_dataclass(path, SuperResConfig)
+        model = cls(config)
+        load_component_weights(path, model, digest)
         return model.eval()

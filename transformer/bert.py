@@ -13,7 +13,6 @@ BERT directory it supports (`BertConfig.from_hf`: absolute positions, GELU) and 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from persist import read_json_object
 
 
 @dataclass(frozen=True)
@@ -106,17 +107,17 @@ class BertEncoder(nn.Module):
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> BertEncoder:
         """The encoder of a Hugging Face BERT directory (config.json + model.safetensors); ValueError when the
         config is not one `BertConfig.from_hf` supports or a weight is missing."""
-        from safetensors.torch import load_file
+        from persist.weights import load_state_dict_strict, load_unhashed_safetensors
 
         directory = Path(directory)
-        config = BertConfig.from_hf(json.loads((directory / "config.json").read_text()))
+        config = BertConfig.from_hf(read_json_object(directory / "config.json"))
         if config is None:
             raise ValueError(f"{directory} is not a BERT model this encoder implements")
         weights_file = directory / "model.safetensors"
         if not weights_file.is_file():
             raise FileNotFoundError(f"{weights_file} not found (only safetensors weights are read here)")
         model = cls(config)
-        hf = load_file(weights_file)
+        hf = load_unhashed_safetensors(weights_file)  # a Hugging Face download: safetensors only, no pickle
         prefix = "bert." if any(k.startswith("bert.") for k in hf) else ""
         state = {}
         for name in model.state_dict():
@@ -124,7 +125,7 @@ class BertEncoder(nn.Module):
             if key not in hf:
                 raise ValueError(f"{weights_file} has no weight {key!r}")
             state[name] = hf[key]
-        model.load_state_dict(state)
+        load_state_dict_strict(model, state, str(weights_file))
         return model.to(dtype)
 
 
@@ -156,7 +157,7 @@ class BertTokenizer:
         self._tokenizer = Tokenizer.from_file(str(path))
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
-        special = json.loads((Path(directory) / "tokenizer_config.json").read_text()) \
+        special = read_json_object(Path(directory) / "tokenizer_config.json") \
             if (Path(directory) / "tokenizer_config.json").is_file() else {}
         self.pad_token = special.get("pad_token", "[PAD]")
         self.pad_id = self._tokenizer.token_to_id(self.pad_token)
@@ -195,8 +196,8 @@ def supported(directory: str | Path) -> bool:
     if not all(f.is_file() for f in files):
         return False
     try:
-        return BertConfig.from_hf(json.loads(files[0].read_text())) is not None
-    except (json.JSONDecodeError, KeyError, TypeError):
+        return BertConfig.from_hf(read_json_object(files[0])) is not None
+    except (ValueError, KeyError, TypeError):
         return False
 
 

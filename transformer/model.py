@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from persist.weights import load_component_weights, read_component_dataclass, save_component
 from transformer.config import TransformerConfig
-from transformer.saving import load_config, load_weights, save_component
 
 
 @dataclass(frozen=True)
@@ -339,12 +339,15 @@ class MaskedTransformer(nn.Module):
         return self.head(self.norm(x))  # (B, L | M, K)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write config.json and model.safetensors (floating-point weights in `dtype` when given) into `path`."""
-        save_component(path, self.config, self, dtype)
+        """Write config.json (with the weights' SHA-256) and model.safetensors (floating-point weights in `dtype`
+        when given) into `path`."""
+        save_component(path, self.config, self, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MaskedTransformer:
-        """Load a directory written by `save_pretrained`, in eval mode on the CPU."""
-        model = cls(load_config(path, TransformerConfig))
-        load_weights(path, model)
+        """Load a directory written by `save_pretrained`, in eval mode on the CPU; weights that do not match the
+        SHA-256 its config.json records (or a config that records none) are refused."""
+        config, digest = read_component_dataclass(path, TransformerConfig)
+        model = cls(config)
+        load_component_weights(path, model, digest)
         return model.eval()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from persist import atomic_write
 from transformer import bert
 from transformer.config import TextEncoderConfig
 
@@ -111,8 +112,9 @@ class TextEncoder:
         if isinstance(self.model, bert.BertEncoder):
             directory.mkdir(parents=True, exist_ok=True)
             for name in bert.FILES:  # what bert.py reads, copied as they are (the weights untouched)
-                if (Path(self.source) / name).is_file():
-                    shutil.copyfile(Path(self.source) / name, directory / name)
+                source = Path(self.source) / name
+                if source.is_file():
+                    atomic_write(directory / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
             return
         with quiet_transformers():
             self.model.save_pretrained(directory)

@@ -25,7 +25,6 @@ The text part runs once per sampling call, so decoding steps pay nothing for it:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -34,17 +33,20 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from persist import dataclass_from_diffusers_config
+from persist.weights import (
+    CONFIG_NAME,
+    in_pipeline_directory,
+    load_component_weights,
+    read_component_config,
+    save_component,
+)
 from transformer.model import KeyValue, gather_rows, resolve_grid
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' name, so a saved model is a diffusers component
 DIFFUSERS_CLASS = "UVit2DModel"
-# Keys diffusers writes into every config.json that say nothing about the network.
-DIFFUSERS_METADATA = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
 
 @dataclass(frozen=True)
@@ -140,20 +142,10 @@ class UVit2DConfig:
 
     @classmethod
     def from_diffusers_json(cls, data: dict[str, Any], where: str = "config") -> UVit2DConfig:
-        """Read the content of a diffusers `config.json` of `UVit2DModel`. Missing keys take diffusers' defaults;
-        diffusers' metadata keys are ignored; an unknown key, or another `_class_name`, raises ValueError naming it."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: must hold a JSON object, got {type(data).__name__}")
-        if data.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
-            raise ValueError(f"{where}: _class_name is {data['_class_name']!r}, expected {DIFFUSERS_CLASS!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in fields and key not in DIFFUSERS_METADATA:
-                raise ValueError(f"{where}: unknown config key {key!r} for {cls.__name__}")
-        try:
-            return cls(**{k: v for k, v in data.items() if k in fields})
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: invalid {cls.__name__}: {e}") from None
+        """Read the content of a diffusers `config.json` of `UVit2DModel` (see
+        `persist.dataclass_from_diffusers_config`: missing keys take diffusers' defaults, an unknown key or another
+        `_class_name` raises ValueError)."""
+        return dataclass_from_diffusers_config(cls, data, DIFFUSERS_CLASS, source=where)
 
     def to_diffusers_json(self) -> dict[str, Any]:
         return {"_class_name": DIFFUSERS_CLASS, **dataclasses.asdict(self)}
@@ -704,68 +696,17 @@ class UVit2D(nn.Module):
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write diffusers' component layout into the directory `path`: config.json and
         diffusion_pytorch_model.safetensors (floating-point weights in `dtype` when given), which diffusers'
-        `UVit2DModel.from_pretrained` reads too."""
-        save_diffusers_component(path, self.config.to_diffusers_json(), self, dtype)
+        `UVit2DModel.from_pretrained` reads too (it ignores, with a warning, the `weights_sha256` that config.json
+        records, as ours checks it)."""
+        save_component(path, self.config.to_diffusers_json(), self, dtype=dtype, weights_name=WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> UVit2D:
         """Load a diffusers `UVit2DModel` directory (e.g. the `transformer/` folder of an aMUSEd download), strictly,
-        in eval mode on the CPU."""
-        path = Path(path)
-        config = UVit2DConfig.from_diffusers_json(read_json(path / CONFIG_NAME), where=str(path / CONFIG_NAME))
-        model = cls(config)
-        load_strict(model, read_safetensors(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
+        in eval mode on the CPU. The weights' SHA-256 is checked when config.json records one, and required inside a
+        musegen pipeline directory; a foreign download has none and is read with safetensors (no code runs)."""
+        data, digest = read_component_config(path, weights_name=WEIGHTS_NAME,
+                                             require_hash=in_pipeline_directory(path))
+        model = cls(UVit2DConfig.from_diffusers_json(data, where=str(Path(path) / CONFIG_NAME)))
+        load_component_weights(path, model, digest, weights_name=WEIGHTS_NAME)
         return model.eval()
-
-
-# -------------------------------------------------------------------------------------------------------- files
-
-
-def read_json(file: Path) -> Any:
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist")
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-
-
-def read_safetensors(file: Path) -> dict[str, Tensor]:
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{file} is corrupt or truncated: {e}") from None
-
-
-def load_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """`model.load_state_dict(state, strict=True)`, failing with a ValueError that names the first missing,
-    unexpected or wrongly shaped key (and `source`)."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source} does not match the config: missing keys {missing[:5]}, "
-                         f"unexpected keys {unexpected[:5]}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config needs "
-                             f"{tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=True)
-
-
-def save_diffusers_component(path: str | os.PathLike, config: dict[str, Any], model: nn.Module,
-                             dtype: torch.dtype | None = None) -> None:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses views that share storage, so store plain contiguous copies on the CPU.
-    state = {name: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().to("cpu").contiguous()
-             for name, t in model.state_dict().items()}
-    # Each file through a temporary name and a rename, so a crash never leaves a half-written file under the real one.
-    weights_tmp = path / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(weights_tmp))
-    os.replace(weights_tmp, path / WEIGHTS_NAME)
-    config_tmp = path / (CONFIG_NAME + ".tmp")
-    config_tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(config_tmp, path / CONFIG_NAME)

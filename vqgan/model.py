@@ -11,27 +11,18 @@ resolution; the quantizer is `vector_quantize_pytorch.VectorQuantize` with an EM
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import SafetensorError
-from safetensors.torch import load, save
 from torch import Tensor, nn
 from vector_quantize_pytorch import VectorQuantize
 
-from .config import VQGANConfig
+from persist.weights import load_component_weights, read_component_dataclass, save_component
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_HASH = "weights_sha256"  # the config.json key holding the weights file's SHA-256
+from .config import VQGANConfig
 
 
 @dataclass
@@ -265,67 +256,13 @@ class VQGAN(nn.Module):
         """Write `config.json` and `model.safetensors` into the directory `path` (created if needed), atomically;
         floating-point weights in `dtype` when given. config.json records the weights file's SHA-256, checked on
         load, so a damaged copy is an error instead of silently different images."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {}
-        for name, tensor in self.state_dict().items():
-            tensor = tensor.detach().cpu()
-            state[name] = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
-        data = save(state)
-        config = json.dumps(dataclasses.asdict(self.config) | {WEIGHTS_HASH: hashlib.sha256(data).hexdigest()},
-                            indent=2).encode()
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(data))
-        _atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_bytes(config))
+        save_component(path, self.config, self, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> VQGAN:
-        """Load a directory written by `save_pretrained`; reads only its config.json and model.safetensors."""
-        path = Path(path)
-        config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-        for required in (path, config_path, weights_path):
-            if not required.exists():
-                raise FileNotFoundError(f"no VQGAN at {path}: {required} does not exist")
-        config, digest = _read_config(config_path)
-        data = weights_path.read_bytes()
-        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
-            raise ValueError(f"{weights_path} does not match the SHA-256 recorded in {config_path}: the file is damaged "
-                             "(bit rot, an interrupted copy) or was replaced; restore it from its source")
-        try:
-            state = load(data)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{weights_path} is corrupt or truncated: {e}") from None
+        """Load a directory written by `save_pretrained`; reads only its config.json and model.safetensors, and
+        refuses weights that do not match the SHA-256 the config records (or a config that records none)."""
+        config, digest = read_component_dataclass(path, VQGANConfig)
         model = cls(config)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{weights_path} does not match {config_path}: {e}") from None
+        load_component_weights(path, model, digest)
         return model
-
-
-def _read_config(config_path: Path) -> tuple[VQGANConfig, str | None]:
-    """The config, and the SHA-256 of the weights it records (None in directories saved before it was)."""
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
-    digest = data.pop(WEIGHTS_HASH, None)
-    known = {f.name for f in dataclasses.fields(VQGANConfig)}
-    for key in data:
-        if key not in known:
-            raise ValueError(f"{config_path}: unknown config key {key!r}")
-    try:
-        return VQGANConfig(**data), digest
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{config_path}: {e}") from None
-
-
-def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    """Write through `target.tmp` and rename, so a crash never leaves a half-written file under the real name."""
-    tmp = target.with_name(target.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)

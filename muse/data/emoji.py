@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from muse.data.captions import TRAIN_TEMPLATES, training_captions
+from persist import atomic_write, atomic_write_text, fsync_dir, read_json
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -106,6 +107,9 @@ DEFAULT_NPM_DIR = Path("~/.cache/musegen/npm")
 DEFAULT_SIZES = (64, 128, 256)
 HELDOUT_FRACTION = 0.1
 SKIPPED_GROUPS = {"component"}
+# The npm packages' JSON (an Iconify set's icons.json holds every SVG of the set: tens of megabytes) is read whole; the
+# bound only turns a wrong file into a clear error instead of an exhausted memory.
+PACKAGE_JSON_BYTES = 1024 * 1024 * 1024
 
 
 class NpmError(RuntimeError):
@@ -155,11 +159,12 @@ def npm_pack(name: str, version: str, target: Path) -> None:
         with tarfile.open(tarballs[0]) as tar:
             tar.extractall(Path(tmp) / "x", filter="data")
         unpacked = Path(tmp) / "x" / "package"
-        meta = json.loads((unpacked / "package.json").read_text(encoding="utf-8"))
+        meta = read_json(unpacked / "package.json", PACKAGE_JSON_BYTES)
         if (meta.get("name"), meta.get("version")) != (name, version):
             raise NpmError(f"npm returned {meta.get('name')}@{meta.get('version')} for {name}@{version}")
         try:
-            os.replace(unpacked, target)
+            os.replace(unpacked, target)  # a directory: moved whole, so a fetch cut short leaves no package
+            fsync_dir(target.parent)
         except OSError:
             if not (target / "package.json").is_file():  # not a concurrent fetch that finished first
                 raise
@@ -195,8 +200,8 @@ def slugify(label: str) -> str:
 
 def load_concepts(emojibase_dir: Path, *, include_skin_tones: bool) -> list[Concept]:
     """Emojibase entries in emojibase order (skin-tone variants right after their base when included)."""
-    entries = json.loads((emojibase_dir / "en" / "data.json").read_text(encoding="utf-8"))
-    groups = json.loads((emojibase_dir / "meta" / "groups.json").read_text(encoding="utf-8"))["groups"]
+    entries = read_json(emojibase_dir / "en" / "data.json", PACKAGE_JSON_BYTES)
+    groups = read_json(emojibase_dir / "meta" / "groups.json", PACKAGE_JSON_BYTES)["groups"]
     chosen = []  # (entry, group, base entry or None)
     for entry in entries:
         group = groups.get(str(entry.get("group")))
@@ -236,7 +241,7 @@ def load_concepts(emojibase_dir: Path, *, include_skin_tones: bool) -> list[Conc
 def read_chars(directory: Path) -> dict[str, str]:
     """An Iconify package's chars.json as normalized codepoints -> icon name (empty when the set has no table)."""
     path = directory / "chars.json"
-    chars = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    chars = read_json(path, PACKAGE_JSON_BYTES) if path.is_file() else {}
     return {normalize_hexcode(code): name for code, name in chars.items()}
 
 
@@ -271,10 +276,10 @@ class NameIndex:
                 if key and s < keys[key].get(hexcode, 3):
                     keys[key][hexcode] = s
 
-        entries = json.loads((emojibase_dir / "en" / "data.json").read_text(encoding="utf-8"))
-        unicode_names = json.loads((emojibase_dir / "meta" / "unicode-names.json").read_text(encoding="utf-8"))
+        entries = read_json(emojibase_dir / "en" / "data.json", PACKAGE_JSON_BYTES)
+        unicode_names = read_json(emojibase_dir / "meta" / "unicode-names.json", PACKAGE_JSON_BYTES)
         shortcodes = [
-            json.loads((emojibase_dir / "en" / "shortcodes" / f"{name}.json").read_text(encoding="utf-8"))
+            read_json(emojibase_dir / "en" / "shortcodes" / f"{name}.json", PACKAGE_JSON_BYTES)
             for name in SHORTCODE_SETS
         ]
         for entry in entries:
@@ -348,7 +353,7 @@ class IconSet:
         """The set in `directory`; one without a chars.json table is matched by icon name through `names`."""
 
         def read(name: str) -> dict:
-            return json.loads((directory / name).read_text(encoding="utf-8"))
+            return read_json(directory / name, PACKAGE_JSON_BYTES)
 
         data, chars = read("icons.json"), read_chars(directory)
         if chars:
@@ -506,9 +511,7 @@ def render_pair(task: tuple[str, list[tuple[int, str]]]) -> str:
             raise RuntimeError(f"resvg rendered {path} at {rgb.size}, expected {size}x{size}")
         if not digest:
             digest = hashlib.sha256(rgb.tobytes()).hexdigest()
-        tmp = f"{path}.tmp"
-        rgb.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: rgb.save(tmp, format="PNG"))
     return digest
 
 
@@ -653,9 +656,9 @@ def build_emoji_dataset(
 
     assign_splits(rows, digests, groups=SPLIT_GROUPS)
 
-    write_atomic(out / "metadata.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_text(out / "metadata.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     per_style = Counter(row["style"] for row in rows)
-    write_atomic(out / "ATTRIBUTION.md", attribution(icon_sets, dirs[CAPTIONS_PACKAGE], sizes, per_style))
+    atomic_write_text(out / "ATTRIBUTION.md", attribution(icon_sets, dirs[CAPTIONS_PACKAGE], sizes, per_style))
     return EmojiBuildSummary(
         out=out,
         sizes=sizes,
@@ -686,7 +689,7 @@ def attribution(
     ]
     references = ", ".join(f"`{name}@{PACKAGES[name]}`" for name in NAME_REFERENCES)
     for icon_set in icon_sets:
-        package_json = json.loads((icon_set.directory / "package.json").read_text(encoding="utf-8"))
+        package_json = read_json(icon_set.directory / "package.json", PACKAGE_JSON_BYTES)
         licence, author = icon_set.info.get("license", {}), icon_set.info.get("author", {})
         name = icon_set.info.get("name", icon_set.style)
         lines += [
@@ -713,7 +716,7 @@ def attribution(
                 "  (Apache-2.0) are trained on no share-alike artwork.",
             ]
         lines.append("")
-    package_json = json.loads((emojibase_dir / "package.json").read_text(encoding="utf-8"))
+    package_json = read_json(emojibase_dir / "package.json", PACKAGE_JSON_BYTES)
     repository = package_json.get("repository", {})
     lines += [
         "## Captions: emojibase-data",
@@ -725,15 +728,6 @@ def attribution(
         "",
     ]
     return "\n".join(lines)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

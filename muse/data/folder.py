@@ -14,7 +14,6 @@ warning; they are left out rather than crashing a training run hours later.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from muse.data.images import IMAGE_EXTENSIONS, ImageTransform, load_rgb, rng_for, source_size_for
+from persist import bounded_repr, parse_json
 
 METADATA_FILE = "metadata.jsonl"
 
@@ -127,17 +127,16 @@ def read_rows(root: Path) -> list[dict]:
         for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{metadata}:{number}: not valid JSON: {error}") from None
+            row = parse_json(line, f"{metadata}:{number}")
             if not isinstance(row, dict) or "caption" not in row or not ("file" in row or "files" in row):
                 raise ValueError(f"{metadata}:{number}: each line needs 'caption' and 'file' (or 'files')")
             if not isinstance(row["caption"], str):
-                raise ValueError(f"{metadata}:{number}: 'caption' must be a string, got {row['caption']!r}")
+                raise ValueError(f"{metadata}:{number}: 'caption' must be a string, got "
+                                 f"{bounded_repr(row['caption'])}")
             files = [row["file"]] if "file" in row else row["files"].values() if isinstance(row["files"], dict) else None
             if files is None:
-                raise ValueError(f"{metadata}:{number}: 'files' must map sizes to paths, got {row['files']!r}")
+                raise ValueError(f"{metadata}:{number}: 'files' must map sizes to paths, got "
+                                 f"{bounded_repr(row['files'])}")
             for file in files:
                 _check_inside(root, file, f"{metadata}:{number}")
             rows.append(row)

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
@@ -33,6 +32,8 @@ from muse.data.folder import ImageCaptionDataset
 from muse.data.images import ImageTransform
 from muse.data.streaming import WebDatasetImages
 from muse.data.tokens import TokenShardDataset
+from persist import parse_json
+from persist.weights import load_unhashed_safetensors, save_safetensors
 from transformer.config import TextEncoderConfig
 from transformer.text import TextEmbedding, TextEncoder
 from vqgan.model import VQGAN
@@ -270,10 +271,8 @@ def save_unconditional(directory: Path, text: TextEmbedding, config: TextEncoder
     loading the encoder (e.g. T5-XXL) only for that would be wasteful."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / UNCONDITIONAL_FILE
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {"states": text.states[0].detach().cpu().contiguous(), "mask": text.mask[0].cpu().contiguous()}
-    save_file(tensors, str(tmp), metadata={"text_encoder": json.dumps(dataclasses.asdict(config))})
-    tmp.replace(path)
+    save_safetensors(path, tensors, metadata={"text_encoder": json.dumps(dataclasses.asdict(config))})
 
 
 def load_unconditional(directory: Path, config: TextEncoderConfig) -> TextEmbedding:
@@ -284,13 +283,17 @@ def load_unconditional(directory: Path, config: TextEncoderConfig) -> TextEmbedd
             f"{path} not found: token shards must come from `muse data tokenize`, which writes the empty prompt's "
             "text states there for text dropout"
         )
-    with safe_open(str(path), framework="pt") as f:
-        saved = json.loads((f.metadata() or {}).get("text_encoder", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is corrupt or truncated: {e}") from None
+    saved = parse_json(metadata.get("text_encoder", "{}"), f"{path}'s metadata 'text_encoder'")
     if saved != dataclasses.asdict(config):
         raise ValueError(
             f"{path} was encoded with text encoder {saved}, but the run config has {dataclasses.asdict(config)}"
         )
-    tensors = load_file(str(path))
+    tensors = load_unhashed_safetensors(path)  # a cache written by `muse data tokenize`, beside its shards
     return TextEmbedding(tensors["states"][None].float(), tensors["mask"][None])
 
 

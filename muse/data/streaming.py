@@ -18,7 +18,6 @@ are a few visible lines here rather than pipeline options.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +30,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from muse.data.images import ImageTransform, load_rgb
+from persist import replace_synced
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -252,6 +252,4 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def finish(tar: tarfile.TarFile, tmp: Path, path: Path) -> None:
     tar.close()
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_synced(tmp, path)

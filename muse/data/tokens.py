@@ -14,7 +14,8 @@ of N strings). S may differ between shards: a shard keeps only the text position
 captions do not store 77 padding states each; the reader pads back to the longest S of the directory (zero states,
 mask False). h, w, h', w' and D must agree across shards.
 
-Shards are written whole to `<name>.tmp`, fsynced and renamed, so a reader (or a crash) never sees half a shard.
+Shards are written whole through a temporary file and renamed (`persist.atomic_write_bytes`), so a reader (or a
+crash) never sees half a shard.
 The reader maps the files and reads one item's rows at a time, so a dataset larger than memory costs nothing to open.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +31,8 @@ import safetensors.numpy
 import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
+
+from persist import atomic_write_bytes, parse_json
 
 FORMAT = "musegen-tokens/1"
 SHARD_GLOB = "tokens-*.safetensors"
@@ -141,12 +143,7 @@ class TokenShardWriter:
             tensors["low_res_tokens"] = id_array(shard["low_res_tokens"])
         metadata = {"format": FORMAT, "keys": json.dumps(shard["keys"]), "captions": json.dumps(shard["captions"])}
         path = self.out_dir / f"tokens-{len(self.shards):06d}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(safetensors.numpy.save(tensors, metadata=metadata))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, safetensors.numpy.save(tensors, metadata=metadata))
         self.shards.append(path)
         self.num_items += count
 
@@ -176,7 +173,8 @@ class TokenShardDataset(Dataset):
                 raise ValueError(f"token shard {path} is corrupt or truncated: {error}") from None
             if metadata.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a {FORMAT} shard (format={metadata.get('format')!r})")
-            keys, captions = json.loads(metadata["keys"]), json.loads(metadata["captions"])
+            keys = parse_json(metadata.get("keys", ""), f"{path}'s metadata 'keys'")
+            captions = parse_json(metadata.get("captions", ""), f"{path}'s metadata 'captions'")
             if names is None:
                 names = set(shard_shapes)
             if set(shard_shapes) != names:

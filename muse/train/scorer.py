@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from muse.data.folder import pick_file, read_rows
 from muse.data.images import ImageTransform, load_rgb
 from muse.progress import progress
 from muse.scorer import CHUNK, PromptScorer, contrastive_loss, target_ranks
+from persist import atomic_write, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def fit(cfg: ScorerRun) -> ScorerTraining:
               "weight_decay": cfg.train.weight_decay, "source_sizes": list(cfg.data.source_sizes),
               "seed": cfg.train.seed, "final_loss": result.final_loss, "train": asdict(result.train),
               "heldout": None if result.heldout is None else asdict(result.heldout), "seconds": result.seconds}
-    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out / "training.json", report)
     return result
 
 
@@ -184,9 +184,7 @@ def split_features(scorer: PromptScorer, data_dir: Path, rows: list[dict], split
     features = Features(torch.stack(views), scorer.text_features(captions).cpu(), captions)
 
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + ".tmp")
-    torch.save({"images": features.images, "texts": features.texts}, tmp)
-    os.replace(tmp, cached)
+    atomic_write(cached, lambda tmp: torch.save({"images": features.images, "texts": features.texts}, tmp))
     return features
 
 

@@ -192,6 +192,13 @@ DIRECTORIES = {
                     "does not match the SHA-256"),
     "truncated weights": (lambda d: (d / "vqgan" / "model.safetensors").write_bytes(b"\0" * 40), ValueError,
                           "pipeline's vqgan"),
+    # Deleting the hash does not switch the check off (issue 22): refused, with how to fix it.
+    "flipped bit, hash deleted": (lambda d: (edit_json(d / "transformer" / "config.json",
+                                                       lambda c: c.pop("weights_sha256")),
+                                             flip_bit(d / "transformer" / "model.safetensors")), ValueError,
+                                  "records no weights_sha256 for model.safetensors.*re-save"),
+    "hash not a SHA-256": (lambda d: edit_json(d / "vqgan" / "config.json", lambda c: c.update(weights_sha256=7)),
+                           ValueError, "weights_sha256 must be 64 lowercase hex digits"),
     "text encoder outside": (lambda d: edit_json(d / "text_encoder.json", lambda c: c.update(
         name_or_path="../../outside")), ValueError, "leaves the pipeline directory"),
     "text encoder key": (lambda d: edit_json(d / "text_encoder.json", lambda c: c.update(kindd="t5")), ValueError,

@@ -2,7 +2,9 @@
 from `muse train` naming the problem (a SystemExit, never a traceback), and nothing of an earlier run lost."""
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +59,7 @@ CASES = {
     "empty dataset": (lambda d: (d / "metadata.jsonl").write_text(""), [], "no captioned images"),
     "every image corrupt": (lambda d: [p.write_bytes(b"nope") for p in d.glob("*.png")], [],
                             "none of the 4 images could be read"),
-    "bad metadata line": (lambda d: metadata_line(d, "{oops"), [], "metadata.jsonl:7: not valid JSON"),
+    "bad metadata line": (lambda d: metadata_line(d, "{oops"), [], "metadata.jsonl:7 is not valid JSON"),
     "metadata line without a file": (lambda d: metadata_line(d, {"caption": "x"}), [],
                                      "metadata.jsonl:7: each line needs 'caption' and 'file'"),
     "file outside the dataset": (lambda d: metadata_line(d, {"file": "../../x.png", "caption": "x"}), [],
@@ -87,6 +89,50 @@ def test_missing_or_broken_config_files_are_named(tmp_path):
         cli.main(["train", str(tmp_path / "bad.yaml")])
     with pytest.raises(SystemExit, match="--keep-every must be >= 1"):
         cli.main(["train", str(TINY_VQGAN), "--keep-every", "0"])
+
+
+def laughs(key):
+    """A 1 KB config whose `key` stands for 9**9 values through YAML aliases (the "billion laughs")."""
+    levels = ["&a0 [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    section, leaf = key.split(".")
+    return TINY_VQGAN.read_text() + f"\n{section}:\n  {leaf}: [{', '.join(levels)}]\n"
+
+
+CONFIG_BOMBS = {
+    "billion laughs in train.steps": (lambda f: f.write_text(laughs("train.steps")), "YAML aliases (*name) are not"),
+    "billion laughs in train.lr": (lambda f: f.write_text(laughs("train.lr")), "YAML aliases (*name) are not"),
+    "billion laughs in model.channel_mult": (lambda f: f.write_text(laughs("model.channel_mult")),
+                                             "YAML aliases (*name) are not allowed"),
+    "50000 [": (lambda f: f.write_text("stage: vqgan\nmodel: " + "[" * 50000), "nested more than 32 levels deep"),
+    # 1400 levels by indentation (under the size limit) would exhaust the composer's recursion.
+    "deep block nesting": (lambda f: f.write_text("stage: vqgan\n" + "".join(" " * i + f"k{i}:\n" for i in range(
+        1400))), "nested more than 32 levels deep"),
+    "a 2 MiB config": (lambda f: f.write_text("# padding\n" * 200000 + TINY_VQGAN.read_text()),
+                       "more than the 1048576"),
+    "a FIFO as config": (lambda f: os.mkfifo(f), "is not a regular file"),
+    "a 20000-character value": (lambda f: f.write_text(
+        "stage: vqgan\nmodel: {}\ndata: {path: x}\ntrain: {out_dir: x, steps: 1, batch_size: 1, lr: " + "x" * 20000
+        + "}\n"), "train.lr: expected a number, got 'xxxxxxx"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIG_BOMBS))
+def test_config_bombs_are_quick_one_line_errors_naming_the_file(tmp_path, name):
+    make, message = CONFIG_BOMBS[name]
+    config = tmp_path / "bomb.yaml"
+    make(config)
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", str(config)])
+    text = str(exit_info.value)
+    assert time.perf_counter() - start < 1.0
+    assert message in text and "bomb.yaml" in text and "\n" not in text and len(text) < 400, text
+
+
+def test_aliases_in_an_override_are_refused_too(tmp_path):
+    with pytest.raises(SystemExit, match=r"override 'train.steps=\*a'.*YAML aliases"):
+        train(f"train.out_dir={tmp_path}", "train.steps=*a")
 
 
 def test_an_existing_run_is_not_restarted_without_resume_and_init_from_takes_a_run_directory(tmp_path, data):

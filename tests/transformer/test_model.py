@@ -244,9 +244,14 @@ def test_weights_from_another_config_are_rejected(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="does not match the SHA-256 recorded"):  # a replaced file
         MaskedTransformer.from_pretrained(tmp_path / "m")
-    config = tmp_path / "m" / "config.json"  # as saved before weights carried their hash: the shapes still tell
-    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "weights_sha256"}))
-    with pytest.raises(ValueError, match="does not match the config"):
+    config = tmp_path / "m" / "config.json"  # the hash deleted: refused, so it cannot switch the check off
+    saved = json.loads(config.read_text())
+    config.write_text(json.dumps({k: v for k, v in saved.items() if k != "weights_sha256"}))
+    with pytest.raises(ValueError, match="records no weights_sha256 for model.safetensors"):
+        MaskedTransformer.from_pretrained(tmp_path / "m")
+    other_hash = json.loads((tmp_path / "other" / "config.json").read_text())["weights_sha256"]
+    config.write_text(json.dumps({**saved, "weights_sha256": other_hash}))  # the hash of the file, wrongly trusted:
+    with pytest.raises(ValueError, match="does not match the config"):      # the shapes still tell
         MaskedTransformer.from_pretrained(tmp_path / "m")
 
 

@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pytest
@@ -154,8 +155,13 @@ def test_truncated_weights_raise_value_error_naming_the_file(tiny_config, tmp_pa
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"model\.safetensors does not match the SHA-256"):
         VQGAN.from_pretrained(tmp_path)
-    config = tmp_path / "config.json"  # as saved before weights carried their hash
-    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "weights_sha256"}))
+    config = tmp_path / "config.json"  # the hash deleted (or saved before weights carried it): refused, not skipped
+    saved = json.loads(config.read_text())
+    config.write_text(json.dumps({k: v for k, v in saved.items() if k != "weights_sha256"}))
+    with pytest.raises(ValueError, match=r"config\.json records no weights_sha256 .* re-save the model"):
+        VQGAN.from_pretrained(tmp_path)
+    # The hash of the damaged file itself (a user trusting it): then safetensors' own check names it.
+    config.write_text(json.dumps({**saved, "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}))
     with pytest.raises(ValueError, match=r"model\.safetensors is corrupt or truncated"):
         VQGAN.from_pretrained(tmp_path)
 
