@@ -124,8 +124,12 @@ class Serving:
                                        CLOSE)
                 chunks.append(chunk)
 
+        from starlette.requests import ClientDisconnect
+
         try:
             await asyncio.wait_for(receive_all(), timeout=self.settings.body_timeout)
+        except ClientDisconnect:  # gone mid-body (or closed by the connection layer): nobody to answer
+            raise RequestError("the client disconnected before its body arrived", 499, "disconnected") from None
         except asyncio.TimeoutError:
             raise RequestError(f"the body did not arrive within body_timeout={self.settings.body_timeout} s", 408,
                                "slow_client", CLOSE) from None

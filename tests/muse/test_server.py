@@ -322,7 +322,7 @@ def free_port() -> int:
 
 def test_muse_serve_drives_the_engine_on_its_main_thread_and_stops_cleanly_on_sigterm(tiny_pipeline_dir):
     """The real command in its own process: it answers, shuts down gracefully on SIGTERM (exit 0), and a port in use
-    is a one-line error, not a hang (uvicorn runs on a second thread there)."""
+    is a one-line error before the model loads, not a hang (uvicorn runs on a second thread there)."""
     import signal
     import subprocess
     import sys
@@ -344,8 +344,10 @@ def test_muse_serve_drives_the_engine_on_its_main_thread_and_stops_cleanly_on_si
         status, reply, _ = call(url, "POST", "/generate", {"prompt": "a red apple", "seed": 1, "num_steps": 2})
         assert status == 200 and reply["seeds"] == [1] and pixels(reply["images"][0]).ndim == 3
 
+        start = time.monotonic()
         taken = subprocess.run([*command[:-4], "--port", str(port)], capture_output=True, text=True, timeout=120)
-        assert taken.returncode != 0 and "did not start" in taken.stderr
+        assert taken.returncode != 0 and "Address already in use" in taken.stderr and "serving on" not in taken.stdout
+        assert time.monotonic() - start < 60  # no model load: the address is checked first
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
@@ -547,3 +549,131 @@ def test_docs_is_our_own_page_with_nothing_fetched_from_elsewhere(server):
         text = call(server, "GET", path)[1].decode()
         assert not re.search(r"https?://", text), path
     assert call(server, "GET", "/redoc")[0] == 404  # FastAPI's ReDoc loads from a CDN too
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The connection layer of the real `muse serve` process (issue 22): held connections, slow headers, ambiguous framing
+
+
+OPEN_FILES = 300  # the probe's server: 293 held connections made /health time out and the log fill at 5 MB/s
+BODY_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def served(tiny_pipeline_dir, tmp_path_factory):
+    """`muse serve` in its own process with OPEN_FILES file descriptors (so its connection cap, derived from them,
+    is what stands between held connections and /health), its log in a file: (url, log path)."""
+    import resource
+    import subprocess
+    import sys
+
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    port = free_port()
+    command = [sys.executable, "-m", "muse.cli", "serve", "--model", str(tiny_pipeline_dir), "--port", str(port),
+               "--preview-every", "2", "--body-timeout", str(BODY_TIMEOUT), "--keep-alive", "1"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=lambda:
+                                   resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES)))
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    try:
+        while True:
+            try:
+                call(url, "GET", "/health", timeout=5)
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        yield url, log_path
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bytes:
+    """Everything the server sends until it closes `sock`; fails if it is still open after `within` seconds."""
+    sock.settimeout(within)
+    received, start = b"", time.monotonic()
+    try:
+        while part := sock.recv(65536):
+            received += part
+    except socket.timeout:
+        pytest.fail(f"the server still held the connection after {within} s (received {received[:80]!r})")
+    finally:
+        sock.close()
+    assert time.monotonic() - start <= within
+    return received
+
+
+def metric(url: str, name: str) -> float:
+    text = call(url, "GET", "/metrics")[1].decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_the_real_server_closes_a_held_body_within_body_timeout_and_counts_it(served):
+    url, _ = served
+    before = metric(url, 'muse_connections_closed_total{reason="body_timeout"}')
+    within = BODY_TIMEOUT + 2  # the deadline, its grace for the app's own 408, and slack for a loaded machine
+    # GET /health declaring a megabyte, one byte of it after the reply, then silence (uvicorn alone: never closed).
+    sock = socket.create_connection(address(url))
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\n")
+    time.sleep(0.3)
+    sock.sendall(b"x")
+    assert closed_by_server(sock, within).startswith(b"HTTP/1.1 200")
+    # A POST whose body stalls part-way: 408, then closed (not kept alive for a next request).
+    sock = socket.create_connection(address(url))
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"prompt\"")
+    reply = closed_by_server(sock, within)
+    assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout=2.0" in reply
+    # Over max_body_bytes: 413 at once, and closed at once.
+    sock = socket.create_connection(address(url))
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 999999999\r\n\r\n{")
+    assert closed_by_server(sock, 2.0).startswith(b"HTTP/1.1 413")
+    assert metric(url, 'muse_connections_closed_total{reason="body_timeout"}') >= before + 1
+
+
+def test_the_real_server_answers_slow_headers_with_408_and_refuses_ambiguous_framing(served):
+    url, _ = served
+    import select
+
+    sock = socket.create_connection(address(url))
+    start = time.monotonic()
+    for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slowloris\r\n":
+        if select.select([sock], [], [], 0.25)[0]:  # a byte every 0.25 s, until the server answers
+            break
+        sock.sendall(bytes([byte]))
+    reply = closed_by_server(sock, BODY_TIMEOUT + 1)
+    assert reply.startswith(b"HTTP/1.1 408") and b"connection: close" in reply.lower()
+    assert time.monotonic() - start < BODY_TIMEOUT + 1  # one deadline for all the headers, not one per byte
+    assert metric(url, 'muse_connections_closed_total{reason="header_timeout"}') >= 1
+    sock = socket.create_connection(address(url))
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 20\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /health HTTP/1.1\r\n\r\n")
+    reply = closed_by_server(sock, 2.0)
+    assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1") == 1 and b"Transfer-Encoding" in reply
+
+
+def test_300_held_connections_neither_starve_health_nor_flood_the_log(served):
+    url, log_path = served
+    log_before = log_path.stat().st_size
+    held = []
+    try:
+        for i in range(300):  # half stall in their headers, half in their bodies
+            sock = socket.create_connection(address(url))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 12" if i % 2 else
+                         b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")
+            held.append(sock)
+        for _ in range(5):  # while they are held (well within BODY_TIMEOUT of the last one)
+            start = time.monotonic()
+            assert call(url, "GET", "/health", timeout=5)[0] == 200
+            assert time.monotonic() - start < 2
+        assert metric(url, 'muse_connections_closed_total{reason="evicted"}') >= 1  # the cap did the work
+        assert metric(url, "muse_open_connections") <= OPEN_FILES
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.5)
+    logged = log_path.read_bytes()[log_before:].decode(errors="replace")
+    assert "Traceback" not in logged and len(logged.splitlines()) < 50, logged[-2000:]
