@@ -155,7 +155,7 @@ class Limits:
     # window, each a full decode, so the time grows with it (a 1024 px edit with 8 px tokens is ~1000 windows).
     max_tokens: int = _limit(4096, "most base-stage tokens of an edited or outpainted canvas (each model-grid "
                                    "window of it is a full decode)")
-    max_iterations: int = _limit(100, "most edit iterations")
+    max_iterations: int = _limit(100, "most /edit iterations")
     # Characters, not tokens: the text encoder truncates at its own max_length anyway (with a warning), so what a
     # long prompt costs is the tokenizer's pass over the whole string -- a 15 MiB prompt took 19 s and +1.3 GB on
     # the engine thread, where no deadline can interrupt it. Counting characters costs nothing and needs no model.

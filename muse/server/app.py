@@ -95,15 +95,18 @@ def create_app(pipe, settings: ServerSettings = ServerSettings(), model_name: st
                   docs_url=None, redoc_url=None)
     app.state.engine, app.state.connections = engine, connections
 
-    for endpoint in TASKS:
-        async def handler(request: Request, endpoint: str = endpoint):
+    def route(endpoint: str):
+        async def handler(request: Request):  # the body is read by the runner: bounded in size and time
             return await serve(serving, endpoint, request)
 
+        return handler
+
+    for endpoint in TASKS:
         schema = serving.models[endpoint].model_json_schema()
         app.add_api_route(
-            endpoint, handler, methods=["POST"], summary=f"{endpoint[1:]} (JSON, or server-sent events with stream)",
-            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-                           "parameters": []},
+            endpoint, route(endpoint), methods=["POST"],
+            summary=f"{endpoint[1:]} (JSON, or server-sent events with stream)",
+            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
         )
 
     @app.get("/health", summary="liveness, the model's name and the engine's load")

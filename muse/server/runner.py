@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from muse.server.schema import TASKS, RequestError, build_task, encode_png, parse_body, reply_of, request_model
 
@@ -74,6 +74,10 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+class PastDeadline(Exception):
+    """The request's `request_timeout` passed before its task ended (the task is then cancelled)."""
 
 
 class Serving:
@@ -180,15 +184,15 @@ class Run:
         from muse.engine import Failed, Finished, Queued
 
         run = asyncio.get_running_loop().run_in_executor
-        end: RequestError | None = None  # how the run ended; None while it runs
+        ended: tuple[int, str] | None = None  # (status, rejection reason or "") once the run has ended
         try:
-            while end is None:
+            while ended is None:
                 try:
                     event = await self.next_event()
                 except asyncio.TimeoutError:
-                    event = Failed(TimeoutError())
+                    event = Failed(PastDeadline())
                 if event is None:
-                    end = RequestError("the client disconnected", 499, "disconnected")
+                    ended = (499, "disconnected")
                 elif isinstance(event, Queued):
                     yield "queued", {"position": event.position}
                 elif isinstance(event, tuple):
@@ -199,28 +203,27 @@ class Run:
                     yield "step", data
                 elif isinstance(event, Finished):
                     reply = await run(None, reply_of, event.result)
-                    end = RequestError("", 200, "")
+                    ended = (200, "")
                     yield "done", reply
                 elif isinstance(event, Failed):
-                    end = self.failure(event.error)
-                    yield "error", {"error": str(end), "status": end.status}
-        except (GeneratorExit, asyncio.CancelledError):  # the client went away mid-stream
-            end = end or RequestError("the client disconnected", 499, "disconnected")
-            raise
-        finally:
+                    error = self.failure(event.error)
+                    ended = (error.status, error.reason)
+                    yield "error", {"error": str(error), "status": error.status}
+        finally:  # also when the consumer closes the generator early: the stream's client went away mid-stream
             if not self.handle.done():
                 self.handle.cancel()  # its rows are freed at the engine's next tick
-            metrics, status = self.serving.metrics, end.status if end is not None else 499
+            status, reason = ended or (499, "disconnected")
+            metrics = self.serving.metrics
             metrics.requests.labels(self.endpoint, str(status)).inc()
             metrics.latency.labels(self.endpoint).observe(time.perf_counter() - self.started)
-            if status != 200:
-                metrics.rejections.labels(end.reason if end is not None else "disconnected").inc()
+            if reason:
+                metrics.rejections.labels(reason).inc()
 
     def failure(self, exc: BaseException) -> RequestError:
         """A failed task (or the deadline passed) as the error its client gets."""
         from muse.engine import Cancelled
 
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, PastDeadline):
             return RequestError(f"the request took longer than request_timeout={self.serving.settings.request_timeout}"
                                 " s and was cancelled", 504, "timeout")
         if isinstance(exc, Cancelled):

@@ -293,6 +293,7 @@ def test_health_metrics_and_openapi(server, tiny_pipeline_dir):
     assert status == 200 and "/inpaint" in schema["paths"]
     body = schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "guidance_scale" in json.dumps(body)
+    assert all("parameters" not in schema["paths"][endpoint]["post"] for endpoint in TASKS)  # the body only
     assert call(server, "GET", "/docs")[0] == 200
 
 
