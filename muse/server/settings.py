@@ -44,15 +44,15 @@ class ServerSettings:
                                                   "and the bound address (behind a proxy: the public name; * for any)")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.limits, Limits):  # its own fields are checked by Limits itself
+            raise TypeError(f"limits must be a muse.options.Limits, got {type(self.limits).__name__}")
+        if isinstance(self.allowed_hosts, str):
+            raise TypeError(f"allowed_hosts must be a tuple of names, got the string {self.allowed_hosts!r}")
+        object.__setattr__(self, "allowed_hosts", tuple(host.lower() for host in self.allowed_hosts))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("limits", "allowed_hosts"):
-                continue
-            if value is not None and not value > 0:
+            if f.name not in ("limits", "allowed_hosts") and value is not None and not value > 0:
                 raise ValueError(f"{f.name} must be > 0, got {value}")
-        if not isinstance(self.limits, Limits):
-            raise TypeError(f"limits must be a muse.options.Limits, got {type(self.limits).__name__}")
-        object.__setattr__(self, "allowed_hosts", tuple(host.lower() for host in self.allowed_hosts))
 
     def replace(self, **changes: Any) -> ServerSettings:
         """These settings with fields of their own or of `limits` replaced: `settings.replace(max_steps=10)`."""
