@@ -169,21 +169,32 @@ def amused_options() -> SamplingOptions:
 PRESETS = {"muse": SamplingOptions, "amused": amused_options}  # name -> the options it stands for
 
 
+def _limit(default: int, help: str) -> Any:
+    """A field of `Limits` with the text the server's flags show for it."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Limits:
     """The most one call may ask for, checked before any work starts; `PipelineConfig.limits` holds a pipeline's,
-    and a server can set stricter ones. Each exists because a probe found a request that ran without bound or ran
-    the machine out of memory without it."""
+    and a server can set stricter ones (`muse serve --max-steps ...`, one flag per field). Each exists because a probe
+    found a request that ran without bound or ran the machine out of memory without it."""
 
-    max_steps: int = 1000             # num_steps and superres_steps
-    max_images: int = 256             # images of one call, every candidate counted: prompts x num_images x candidates
-    max_candidates: int = 64          # num_candidates
-    max_pixels: int = 1024 * 1024     # width x height of an input image, and of an outpainted canvas
-    max_pad: int = 2048               # pixels outpainting adds on any one side
+    max_steps: int = _limit(1000, "most num_steps and superres_steps a request may ask")
+    max_images: int = _limit(256, "most images per request, candidates included (prompts x num_images x "
+                                  "num_candidates)")
+    max_candidates: int = _limit(64, "most num_candidates a request may ask")
+    max_pixels: int = _limit(1024 * 1024, "largest input image, width x height, and outpainted canvas")
+    max_pad: int = _limit(2048, "most pixels outpainting adds on any side")
     # Base-stage tokens of an edited or outpainted canvas: one larger than the model's grid is decoded window by
     # window, each a full decode, so the time grows with it (a 1024 px edit with 8 px tokens is ~1000 windows).
-    max_tokens: int = 4096
-    max_iterations: int = 100         # edit iterations
+    max_tokens: int = _limit(4096, "most base-stage tokens of an edited or outpainted canvas (each model-grid "
+                                   "window of it is a full decode)")
+    max_iterations: int = _limit(100, "most /edit iterations")
+    # Characters, not tokens: the text encoder truncates at its own max_length anyway (with a warning), so what a
+    # long prompt costs is the tokenizer's pass over the whole string -- a 15 MiB prompt took 19 s and +1.3 GB on
+    # the engine thread, where no deadline can interrupt it. Counting characters costs nothing and needs no model.
+    max_prompt_chars: int = _limit(4096, "most characters of one prompt or negative prompt")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -198,6 +209,15 @@ class Limits:
             value = get(name)
             if isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 self.check_value(name, int(value), limit)
+
+    def check_prompts(self, what: str, prompts: Any) -> None:
+        """Raise ValueError if a prompt of `prompts` (a string, a list of them, or None) is longer than
+        `max_prompt_chars`; anything that is not a string is left to the prompt's own checks. Cheap: call it before
+        any tokenizing."""
+        for i, prompt in enumerate([prompts] if isinstance(prompts, str) else prompts or ()):
+            if isinstance(prompt, str) and len(prompt) > self.max_prompt_chars:
+                which = what if isinstance(prompts, str) else f"{what}[{i}]"
+                self.check_value(f"{which}'s characters", len(prompt), "max_prompt_chars")
 
     def check_value(self, what: str, value: int, limit: str) -> None:
         """Raise ValueError if `value` (named `what`) is over the limit called `limit`."""
