@@ -30,7 +30,7 @@ MUSE_ALLOWED = {
     "muse.train.ema": {"muse.train.runtime"},
     "muse.train.batches": {"muse.train.runtime"},
     "muse.train.checkpoint": {"muse.config", "muse.train.runtime", "muse.train.ema", "muse.train.batches"},
-    "muse.train.logger": {"muse.train.checkpoint"},
+    "muse.train.logger": set(),
 }
 TRAIN_SHARED = {"muse.train.runtime", "muse.train.optim", "muse.train.ema", "muse.train.batches",
                 "muse.train.checkpoint", "muse.train.logger"}

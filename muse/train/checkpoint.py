@@ -31,7 +31,6 @@ alone. `read_checkpoint` reads either kind whole, in one process.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pickle
 import random
@@ -39,7 +38,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,8 @@ from muse.config import config_to_dict
 from muse.train.batches import BatchStream
 from muse.train.ema import EMA
 from muse.train.runtime import Runtime, barrier, gather, hash_seed, seed_everything, shard_like
-from transformer.saving import load_weights
+from persist import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir, read_json_object
+from persist.weights import load_component_weights, read_component_config
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.json"                # names the newest complete checkpoint directory
@@ -85,38 +85,6 @@ def checkpoint_dir(run_dir: Path) -> Path:
 # Files
 
 
-# persist: replace with persist.atomic_write once merged
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Call `write(file)` on a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory.
-
-    A crash at any point leaves either the old file or the new one, never a half-written file under `path`.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-# persist: replace with persist.atomic_write once merged (its directory fsync)
-def fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory (Windows), so it is best effort there.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a `torch.save`d checkpoint file (a checkpoint's `trainer.pt`, or a legacy `last.pt`) onto the CPU; a
     truncated or corrupt file raises `CheckpointError` naming it."""
@@ -144,8 +112,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         legacy = checkpoint_dir(run_dir) / LEGACY_LAST
         return legacy if legacy.is_file() else None
     try:
-        name = json.loads(pointer.read_text())["dir"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        name = read_json_object(pointer)["dir"]
+    except (ValueError, KeyError) as error:
         raise CheckpointError(f"{pointer} is corrupt ({type(error).__name__}: {error})") from None
     path = checkpoint_dir(run_dir) / name
     if not (path / TRAINER_FILE).is_file() or not (path / ".metadata").is_file():
@@ -197,7 +165,7 @@ def prepare_run_dir(run_dir: Path, cfg: Any, resume: bool, rt: Runtime) -> Saved
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in checkpoint_dir(run_dir).glob("*.tmp"):  # a save that a crash interrupted
             shutil.rmtree(stale, ignore_errors=True)
-        atomic_write(run_dir / "config.yaml", lambda f: f.write(_config_yaml(cfg)))
+        atomic_write_bytes(run_dir / "config.yaml", _config_yaml(cfg))
     barrier(rt)  # no rank writes a checkpoint before the stale ones are gone
     return saved
 
@@ -228,7 +196,8 @@ def start_from_weights(model: nn.Module, path: str | Path, component: str) -> No
         raise FileNotFoundError(f"train.init_from {path} holds no model.safetensors (nor {component}/ with one): "
                                 "give a model directory, a run directory or a pipeline directory")
     try:
-        load_weights(path, model)
+        _, digest = read_component_config(path)
+        load_component_weights(path, model, digest)
     except ValueError as e:
         raise ValueError(f"train.init_from {path} does not fit this run's model ({e}); init_from needs a model of "
                          "the same architecture and size") from None
@@ -280,17 +249,16 @@ def save_checkpoint(run_dir: Path, step: int, components: dict[str, Any], batche
     if rt.is_main:
         trainer = {"format": FORMAT, "step": step, "components": rest, "rng": rngs, "data": positions,
                    "world_size": rt.world_size, "config": config_to_dict(cfg)}
-        atomic_write(tmp / TRAINER_FILE, lambda f: torch.save(trainer, f))
+        atomic_write(tmp / TRAINER_FILE, lambda file: torch.save(trainer, file))
         if keep_every and step % keep_every == 0:
-            atomic_write(tmp / KEPT_MARKER, lambda f: f.write(b""))
+            atomic_write_bytes(tmp / KEPT_MARKER, b"")
         previous = latest_checkpoint(run_dir)
         # `last.json` never names `final` here: saving step N again means the run resumed from an earlier checkpoint,
         # so a `step-N/` on disk is a leftover of the interrupted attempt.
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(directory)
-        atomic_write(directory / LAST, lambda f: f.write(json.dumps({"format": FORMAT, "step": step,
-                                                                     "dir": dirname}).encode()))
+        atomic_write_json(directory / LAST, {"format": FORMAT, "step": step, "dir": dirname})
         if previous is not None and previous.name == LEGACY_LAST:
             previous.unlink()  # read once, now replaced: a later --resume cannot pick it
         elif previous is not None and previous != final and not (previous / KEPT_MARKER).exists():
@@ -426,7 +394,7 @@ def _load_component(saved: Saved, name: str, obj: Any, state: dict[str, Any]) ->
 
 
 __all__ = [
-    "CHECKPOINT_DIR", "LAST", "LEGACY_LAST", "CheckpointError", "Saved", "checkpoint_dir", "atomic_write", "fsync_dir", "load_checkpoint",
+    "CHECKPOINT_DIR", "LAST", "LEGACY_LAST", "CheckpointError", "Saved", "checkpoint_dir", "load_checkpoint",
     "latest_checkpoint", "read_checkpoint", "prepare_run_dir", "changed_keys", "start_from_weights", "rng_state",
     "set_rng_state", "save_checkpoint", "restore",
 ]

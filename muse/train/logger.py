@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from muse.train.checkpoint import atomic_write
+from persist import atomic_write_bytes
 
 
 
@@ -88,7 +88,7 @@ def _drop_rows_after(path: Path, step: int) -> None:
         return
     text = io.StringIO(newline="")
     csv.writer(text).writerows(kept)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    atomic_write_bytes(path, text.getvalue().encode())
 
 
 class Meter:

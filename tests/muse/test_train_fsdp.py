@@ -38,6 +38,7 @@ WORKER = textwrap.dedent(
     from muse.config import config_to_dict, load_config
     from muse.data.sources import TokenBatch
     from muse.train import checkpoint, masked, optim, runtime
+    import persist
     from superres.config import SuperResConfig
     from superres.model import SuperResTransformer
     from transformer.config import TransformerConfig
@@ -141,7 +142,8 @@ WORKER = textwrap.dedent(
         if rt_.is_main:
             state = {"step": step, "components": {n: o.state_dict() for n, o in components.items()}, "rng": rngs,
                      "data": positions, "world_size": rt_.world_size, "config": config_to_dict(cfg_)}
-            checkpoint.atomic_write(out / "legacy" / "checkpoints" / "last.pt", lambda f: torch.save(state, f))
+            (out / "legacy" / "checkpoints").mkdir(parents=True, exist_ok=True)
+            persist.atomic_write(out / "legacy" / "checkpoints" / "last.pt", lambda file: torch.save(state, file))
 
     masked.save_checkpoint = save_both
     masked.train(cfg("ddp", "train.parallel=ddp"))

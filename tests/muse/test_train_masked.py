@@ -207,7 +207,8 @@ def legacy_save(run_dir, step, components, batches, cfg, rt, keep_every):
     write_checkpoint): one process's RNG and data position, the position without "consumed", the EMA as the state dict
     of its model copy (the same names and tensors as `EMA.state_dict`), optimizers keyed by position."""
     from muse.config import config_to_dict
-    from muse.train.checkpoint import atomic_write, rng_state
+    from muse.train.checkpoint import rng_state
+    from persist import atomic_write
 
     state = {
         "step": step,
@@ -217,7 +218,8 @@ def legacy_save(run_dir, step, components, batches, cfg, rt, keep_every):
         "world_size": 1,
         "config": config_to_dict(cfg),
     }
-    atomic_write(run_dir / "checkpoints" / "last.pt", lambda f: torch.save(state, f))
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "checkpoints" / "last.pt", lambda file: torch.save(state, file))
     if step == 2:
         raise Preempted
 
