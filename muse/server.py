@@ -109,14 +109,14 @@ class RequestError(ValueError):
 # Request schemas, from the task signatures and SamplingOptions
 
 
-# endpoint -> (pipeline task builder, its own arguments besides the shared ones, the options it does not take)
+# endpoint -> (pipeline task (`pipe.request`), its own arguments besides the shared ones, the options it does not take)
 TASKS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "/generate": ("generate_task", (), ()),
-    "/inpaint": ("inpaint_task", ("image", "mask"), ()),
-    "/outpaint": ("outpaint_task", ("image", "pad"), ()),
-    "/edit": ("edit_task", ("image", "strength", "iterations", "mode"), ()),
+    "/generate": ("generate", (), ()),
+    "/inpaint": ("inpaint", ("image", "mask"), ()),
+    "/outpaint": ("outpaint", ("image", "pad"), ()),
+    "/edit": ("edit", ("image", "strength", "iterations", "mode"), ()),
     # The super-res stage alone: no base-stage steps, no choice of stages.
-    "/upscale": ("upscale_task", ("image",), ("num_steps", "stages")),
+    "/upscale": ("upscale", ("image",), ("num_steps", "stages")),
 }
 IMAGE_FIELDS = ("image", "mask")
 _TASK_FIELDS: dict[str, tuple[Any, Any]] = {  # the task arguments' JSON types and defaults
@@ -224,7 +224,7 @@ def build_task(pipe, endpoint: str, body, max_pixels: int):
     overrides = {name: getattr(body, name) for name in option_names()
                  if name not in excluded and name in body.model_fields_set}
     try:
-        return getattr(pipe, builder)(body.prompt, **arguments, **overrides)
+        return pipe.task(pipe.request(builder, body.prompt, **arguments, **overrides))
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise RequestError(str(e)) from None
 
@@ -298,7 +298,8 @@ def measure_preview_every(pipe) -> int:
             if not kept:
                 kept.append(event.preview().clone())
 
-    pipe.engine.run(pipe.generate_task("a preview", seed=0, num_candidates=1, stages=1), on_event=listen)
+    pipe.engine.run(pipe.task(pipe.request("generate", "a preview", seed=0, num_candidates=1, stages=1)),
+                    on_event=listen)
     step = (marks[-1] - marks[0]) / max(1, len(marks) - 1)
     start = time.perf_counter()
     encode_png(pipe.decode_preview(kept[0][:1], (pipe.transformer.config.grid_size,) * 2, 0)[0])

@@ -146,14 +146,14 @@ def test_image_files_are_named_when_unreadable(tiny_pipe, files, file, error, me
 
 def test_images_are_read_as_training_reads_them(tiny_pipe, tmp_path):
     """Once silently wrong: a 16-bit greyscale PNG became pure white, a transparent background black."""
-    from muse.pipeline import _image_tensor
+    from muse.inputs import image_tensor
 
     grey = np.full((16, 16), 20000, np.uint16)  # a mid grey in 16 bits
     Image.fromarray(grey).save(tmp_path / "grey16.png")
-    pixels = (_image_tensor(tmp_path / "grey16.png", "image") + 1) * 127.5
+    pixels = (image_tensor(tmp_path / "grey16.png", "image") + 1) * 127.5
     assert abs(float(pixels.mean()) - 20000 / 65535 * 255) < 1
     transparent = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
-    assert float(_image_tensor(transparent, "image").min()) == 1.0  # white, as training composites it
+    assert float(image_tensor(transparent, "image").min()) == 1.0  # white, as training composites it
 
 
 def test_a_long_prompt_warns_how_much_is_dropped(tiny_pipe):
