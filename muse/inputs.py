@@ -154,26 +154,33 @@ def paired(prompts: list[str], images: Tensor, masks: Tensor | None = None) -> t
 # Image files and bytes
 
 
-def check_image_file(path: str | os.PathLike, name: str) -> None:
-    """`path` names a regular file: FileNotFoundError if nothing is there, ValueError naming what is there instead
-    (a directory, a FIFO, a device, a socket). Reads nothing, so it never blocks."""
-    where = os.fspath(path)
+def file_problem(path: str | os.PathLike, expected: str = "an image file") -> str | None:
+    """What keeps `path` from being read as a file, in words ("does not exist", "is a directory, not an image file",
+    "is a FIFO, not a regular file", ...), or None for a regular file. Reads nothing, so it never blocks."""
     try:
-        mode = os.stat(where).st_mode
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"{name}: {where} does not exist") from None
+        return "does not exist"
     except OSError as e:
-        raise ValueError(f"{name}: {where} cannot be read ({e.strerror})") from None
-    _check_regular(mode, where, name)
+        return f"cannot be read ({e.strerror})"
+    return _mode_problem(mode, expected)
 
 
-def _check_regular(mode: int, where: str, name: str) -> None:
+def _mode_problem(mode: int, expected: str = "an image file") -> str | None:
     if stat.S_ISDIR(mode):
-        raise ValueError(f"{name}: {where} is a directory, not an image file")
-    if not stat.S_ISREG(mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-        raise ValueError(f"{name}: {where} is {kind}, not an image file; give a regular file")
+        return f"is a directory, not {expected}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return f"is {kind}, not a regular file"
+
+
+def _refuse(problem: str | None, where: str, name: str) -> None:
+    if problem == "does not exist":
+        raise FileNotFoundError(f"{name}: {where} does not exist")
+    if problem is not None:
+        raise ValueError(f"{name}: {where} {problem}")
 
 
 def open_image(source: str | os.PathLike | bytes, name: str, max_pixels: int | None = None) -> Image.Image:
@@ -182,7 +189,7 @@ def open_image(source: str | os.PathLike | bytes, name: str, max_pixels: int | N
     if isinstance(source, (bytes, bytearray)):
         return _decoded(io.BytesIO(source), f"{name}: the image bytes", name, max_pixels)
     where = os.fspath(source)
-    check_image_file(where, name)
+    _refuse(file_problem(where), where, name)
     # Opened without blocking (a regular file swapped for a FIFO after the check cannot hang us) and checked again
     # on the open file itself.
     try:
@@ -192,7 +199,7 @@ def open_image(source: str | os.PathLike | bytes, name: str, max_pixels: int | N
     except OSError as e:
         raise ValueError(f"{name}: {where} cannot be read ({e.strerror})") from None
     with os.fdopen(fd, "rb") as file:
-        _check_regular(os.fstat(fd).st_mode, where, name)
+        _refuse(_mode_problem(os.fstat(fd).st_mode), where, name)
         return _decoded(file, f"{name}: {where}", name, max_pixels)
 
 

@@ -55,6 +55,8 @@ def _parse_pad(text: str) -> tuple[int, int, int, int]:
 
 
 _IMAGE_CLI = {"flag": "--image", "type": Path, "metavar": "FILE"}
+_IMAGE_HELP = ("the image: a PNG, JPEG or WebP file (the API also takes a PIL image, an array or a tensor, the server "
+               "base64)")
 _IMAGE_JSON = str  # base64 of a PNG, JPEG or WebP file
 
 
@@ -70,15 +72,16 @@ class Request:
     default_candidates: ClassVar[bool] = False
 
     prompt: str | Sequence[str] = _field(
-        help="the prompt; a list gives several, paired with the images (one of either broadcasts)",
+        help="the text of the image to make (the API and the server also take a list: one prompt per image, or "
+             "one for all)",
         json=str | list[str], cli={})
     _: KW_ONLY
     options: SamplingOptions = _field(help="the sampling options, whole (`pipe.options(...)`)")
     num_images: int = _field(1, help="images per prompt", json=int,
                              cli={"flag": "--num-images", "type": int, "metavar": "N"})
     seed: int | Sequence[int] | None = _field(
-        None, help="seed of the first image; image k gets seed + k (a list: one seed per image; default: random, "
-                   "recorded in the output)", json=Optional[int | list[int]], cli={"flag": "--seed", "type": int})
+        None, help="seed of the first image; image k gets seed + k (default: random, recorded in the output; the "
+                   "API and the server also take a list, one seed per image)", json=Optional[int | list[int]], cli={"flag": "--seed", "type": int})
     negative_prompt: str | Sequence[str] | None = _field(
         None, help="prompt for guidance's unconditional branch, instead of the empty prompt (one, or one per prompt)",
         json=Optional[str | list[str]], cli={"flag": "--negative-prompt"})
@@ -130,8 +133,8 @@ class InpaintRequest(Request):
     task: ClassVar[str] = "inpaint"
 
     _: KW_ONLY
-    image: ImageInput = _field(help="the image (a file on the command line)", json=_IMAGE_JSON, cli=_IMAGE_CLI)
-    mask: MaskInput = _field(help="same size as the image; white = regenerate", json=_IMAGE_JSON,
+    image: ImageInput = _field(help=_IMAGE_HELP, json=_IMAGE_JSON, cli=_IMAGE_CLI)
+    mask: MaskInput = _field(help="the mask, as the image: same size, white = regenerate", json=_IMAGE_JSON,
                              cli={**_IMAGE_CLI, "flag": "--mask"})
 
     def __post_init__(self) -> None:
@@ -149,7 +152,7 @@ class OutpaintRequest(Request):
     task: ClassVar[str] = "outpaint"
 
     _: KW_ONLY
-    image: ImageInput = _field(help="the image (a file on the command line)", json=_IMAGE_JSON, cli=_IMAGE_CLI)
+    image: ImageInput = _field(help=_IMAGE_HELP, json=_IMAGE_JSON, cli=_IMAGE_CLI)
     pad: tuple[int, int, int, int] = _field(
         help="pixels to add on each side (left, top, right, bottom), multiples of the model's token size",
         json=tuple[int, int, int, int], cli={"flag": "--pad", "type": _parse_pad, "metavar": "LEFT,TOP,RIGHT,BOTTOM"})
@@ -169,7 +172,7 @@ class EditRequest(Request):
     task: ClassVar[str] = "edit"
 
     _: KW_ONLY
-    image: ImageInput = _field(help="the image (a file on the command line)", json=_IMAGE_JSON, cli=_IMAGE_CLI)
+    image: ImageInput = _field(help=_IMAGE_HELP, json=_IMAGE_JSON, cli=_IMAGE_CLI)
     strength: float = _field(help="fraction of the image's tokens to resample, in [0, 1]", json=float,
                              cli={"flag": "--strength", "type": float})
     iterations: int = _field(1, help="re-mask and resample this many times", json=int,
@@ -201,8 +204,8 @@ class UpscaleRequest(Request):
 
     _: KW_ONLY
     image: ImageInput = _field(
-        help="an image at the base stage's resolution (64 px for the bundled model; larger sides in multiples of its "
-             "token size are decoded in windows)", json=_IMAGE_JSON, cli=_IMAGE_CLI)
+        help="the image, at the base stage's resolution (64 px for the bundled model; larger sides in multiples of "
+             "its token size are decoded in windows): a PNG, JPEG or WebP file", json=_IMAGE_JSON, cli=_IMAGE_CLI)
 
     def __post_init__(self) -> None:
         super().__post_init__()
