@@ -110,7 +110,8 @@ def check_components(vqgan: Any, text_encoder: Any, transformer: Any, superres: 
     `default_stages` is the pipeline's `config.sampling.stages`."""
     t = transformer.config
     if t.codebook_size != vqgan.config.codebook_size:
-        raise ValueError(f"the transformer predicts {t.codebook_size} codes but the VQGAN has {vqgan.config.codebook_size}")
+        raise ValueError(f"the transformer predicts {t.codebook_size} codes but the VQGAN has "
+                         f"{vqgan.config.codebook_size}")
     if t.text_dim != text_encoder.dim:
         raise ValueError(f"the transformer expects text states of width {t.text_dim}, the text encoder gives "
                          f"{text_encoder.dim}")

@@ -446,15 +446,21 @@ def generate_main(args: argparse.Namespace) -> None:
 
 def _run_image_task(args: argparse.Namespace, command: str) -> None:
     """`muse inpaint / outpaint / edit / upscale`: the request from the flags, its task run, its images saved."""
-    from muse.inputs import file_problem
+    from muse.inputs import file_problem, image_size
 
     options = _checked_request(args, command, [args.prompt])
     _check_device(args.device, command)
     for name in ("image", "mask"):
         path = getattr(args, name, None)
-        problem = None if path is None else file_problem(path)
+        if path is None:
+            continue
+        problem = file_problem(path)
         if problem is not None:  # only regular files: a FIFO would block, /dev/zero never end
             raise SystemExit(f"muse {command}: --{name} {path} {problem}")
+        try:
+            image_size(path, f"--{name}")  # the header: a PNG, JPEG or WebP image (its size is checked on load)
+        except ValueError as e:
+            raise _fail(command, e) from None
     targets = _file_targets(args.out, args.num_images, command, args.overwrite)
     folder = None if targets is not None else _output_dir(args.out or Path("outputs"), command)
     if folder is not None and args.seed is not None and not args.overwrite:

@@ -16,12 +16,13 @@ Files and bytes are read with care, since they may come from anyone (the server,
 
 from __future__ import annotations
 
+import contextlib
 import io
 import numbers
 import os
 import random
 import stat
-from typing import Any, Callable, Sequence, Union
+from typing import Any, BinaryIO, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -186,8 +187,33 @@ def _refuse(problem: str | None, where: str, name: str) -> None:
 def open_image(source: str | os.PathLike | bytes, name: str, max_pixels: int | None = None) -> Image.Image:
     """The image file at a path, or encoded image bytes, fully decoded -- only a regular file, only PNG, JPEG or WebP,
     and only when its header's size is within `max_pixels`. FileNotFoundError or ValueError naming it otherwise."""
+    with _opened(source, name) as (file, what), _header(file, what, max_pixels) as image:
+        width, height = image.size  # from the header: no pixel decoded yet
+        if max_pixels is not None and width * height > max_pixels:
+            raise ValueError(f"{what} is {width}x{height} pixels; the image's pixels={width * height} is over the "
+                             f"limit max_pixels={max_pixels} (PipelineConfig.limits.max_pixels)")
+        try:
+            image.load()  # decode now: a truncated file fails here, with its name
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{what} is too large to decode safely ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{what} is truncated or corrupt ({e})") from None
+        return image
+
+
+def image_size(source: str | os.PathLike | bytes, name: str) -> tuple[int, int]:
+    """(width, height) of an image file or bytes from its header, refused as `open_image` refuses it (not a regular
+    file, not PNG, JPEG or WebP), decoding no pixel: what the command line checks before it loads a model."""
+    with _opened(source, name) as (file, what), _header(file, what) as image:
+        return image.size
+
+
+@contextlib.contextmanager
+def _opened(source: str | os.PathLike | bytes, name: str) -> Iterator[tuple[BinaryIO, str]]:
+    """(a binary file of `source`, how errors name it: "image: photo.png"); a path only if it is a regular file."""
     if isinstance(source, (bytes, bytearray)):
-        return _decoded(io.BytesIO(source), f"{name}: the image bytes", name, max_pixels)
+        yield io.BytesIO(source), f"{name}: the image bytes"
+        return
     where = os.fspath(source)
     _refuse(file_problem(where), where, name)
     # Opened without blocking (a regular file swapped for a FIFO after the check cannot hang us) and checked again
@@ -200,37 +226,28 @@ def open_image(source: str | os.PathLike | bytes, name: str, max_pixels: int | N
         raise ValueError(f"{name}: {where} cannot be read ({e.strerror})") from None
     with os.fdopen(fd, "rb") as file:
         _refuse(_mode_problem(os.fstat(fd).st_mode), where, name)
-        return _decoded(file, f"{name}: {where}", name, max_pixels)
+        yield file, f"{name}: {where}"
 
 
-def _decoded(file: Any, what: str, name: str, max_pixels: int | None) -> Image.Image:
-    """`file` decoded; `what` names it in errors ("image: photo.png")."""
+def _header(file: BinaryIO, what: str, max_pixels: int | None = None) -> Image.Image:
+    """`file` opened by PIL as PNG, JPEG or WebP -- its header read, no pixel decoded -- or ValueError naming it
+    (and the format, when it is another one; and `max_pixels`, when it is larger than PIL itself opens)."""
     try:
-        image = Image.open(file, formats=list(DECODED_FORMATS))  # reads the header only
+        return Image.open(file, formats=list(DECODED_FORMATS))
     except UnidentifiedImageError:
         file.seek(0)
         head = file.read(16)
         other = next((fmt for magic, fmt in OTHER_FORMATS.items() if head.startswith(magic)), None)
         if other is not None:
-            raise ValueError(f"{what} is a {other} image; musegen decodes PNG, JPEG and WebP only") from None
+            raise ValueError(f"{what} is in {other} format; musegen decodes PNG, JPEG and WebP only") from None
         raise ValueError(f"{what} is not an image file PIL can read (not a PNG, JPEG or WebP image, or truncated or "
                          "corrupt before its header ends)") from None
     except Image.DecompressionBombError as e:  # PIL's own guard, far above ours, fires on the header
-        raise ValueError(f"{what} is too large to decode safely ({e})") from None
+        limit = "" if max_pixels is None else \
+            f"; over the limit max_pixels={max_pixels} (PipelineConfig.limits.max_pixels)"
+        raise ValueError(f"{what} is too large to decode safely ({e}){limit}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{what} is truncated or corrupt ({e})") from None
-    with image:
-        width, height = image.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise ValueError(f"{what} is {width}x{height} pixels; the image's pixels={width * height} is over the "
-                             f"limit max_pixels={max_pixels} (PipelineConfig.limits.max_pixels)")
-        try:
-            image.load()  # decode now: a truncated file fails here, with its name
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"{what} is too large to decode safely ({e})") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"{what} is truncated or corrupt ({e})") from None
-        return image
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -81,7 +81,8 @@ class Request:
                              cli={"flag": "--num-images", "type": int, "metavar": "N"})
     seed: int | Sequence[int] | None = _field(
         None, help="seed of the first image; image k gets seed + k (default: random, recorded in the output; the "
-                   "API and the server also take a list, one seed per image)", json=Optional[int | list[int]], cli={"flag": "--seed", "type": int})
+                   "API and the server also take a list, one seed per image)",
+        json=Optional[int | list[int]], cli={"flag": "--seed", "type": int})
     negative_prompt: str | Sequence[str] | None = _field(
         None, help="prompt for guidance's unconditional branch, instead of the empty prompt (one, or one per prompt)",
         json=Optional[str | list[str]], cli={"flag": "--negative-prompt"})
