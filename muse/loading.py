@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from muse import bundled
+import muse.bundled as bundled  # its ASSETS read at call time (tests point it elsewhere)
 from muse.bundled import DEFAULT_PRESET, PIPELINE_FILE, bundled_presets
 from muse.components import DIFFUSERS_ROLES, ROLES, diffusers_kind, kind_of, load_component, parse_components
 from muse.options import PRECISIONS, Limits, SamplingOptions, amused_options, option_names

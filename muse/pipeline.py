@@ -70,6 +70,7 @@ from muse.requests import (
     InpaintRequest,
     OutpaintRequest,
     Request,
+    Scorer,
     UpscaleRequest,
 )
 from sampling import (
@@ -87,10 +88,6 @@ from transformer.model import TextContext
 from transformer.text import TextEmbedding, TextEncoder
 
 __all__ = ["MusePipeline", "PipelineConfig", "PipelineOutput", "Scorer", "SCORER_DIR", "guided_logits"]
-
-# Best-of-N: (images, prompts) -> (B,) scores, higher is better. `muse.scorer.PromptScorer` is one.
-Scorer = Callable[[list[Image.Image], list[str]], Tensor]
-
 
 @dataclass
 class PipelineOutput:

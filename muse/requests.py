@@ -22,13 +22,18 @@ import dataclasses
 import numbers
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Optional, Sequence
 
 from muse.options import SamplingOptions
 
 if TYPE_CHECKING:
+    from PIL import Image
+    from torch import Tensor
+
     from muse.inputs import ImageInput, MaskInput
-    from muse.pipeline import Scorer
+
+# Best-of-N: (images, prompts) -> (B,) scores, higher is better. `muse.scorer.PromptScorer` is one.
+Scorer = Callable[[list["Image.Image"], list[str]], "Tensor"]
 
 # This module imports no torch (`muse.inputs` does, and is imported when a request is made), so that `muse X --help`,
 # which builds its flags from these fields, starts at once.
@@ -91,7 +96,7 @@ class Request:
                    "else the model's mean token log-probability)")
 
     def __post_init__(self) -> None:
-        from muse import inputs  # torch: imported when a request is made (see the top of the module)
+        import muse.inputs as inputs  # torch: imported when a request is made (see the top of the module)
 
         if type(self) is Request:
             raise TypeError("Request is the fields every task shares; make a GenerateRequest, InpaintRequest, ...")
@@ -140,7 +145,7 @@ class InpaintRequest(Request):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from muse import inputs
+        import muse.inputs as inputs
 
         inputs.check_image_form(self.image, "image")
         inputs.check_image_form(self.mask, "mask")
@@ -160,7 +165,7 @@ class OutpaintRequest(Request):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from muse import inputs
+        import muse.inputs as inputs
 
         inputs.check_image_form(self.image, "image")
         object.__setattr__(self, "pad", inputs.check_pad(self.pad))
@@ -184,7 +189,7 @@ class EditRequest(Request):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from muse import inputs
+        import muse.inputs as inputs
 
         strength = self.strength
         if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
@@ -210,7 +215,7 @@ class UpscaleRequest(Request):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from muse import inputs
+        import muse.inputs as inputs
 
         inputs.check_image_form(self.image, "image")
 
