@@ -99,8 +99,8 @@ class Workload:
 
     def task(self, i: int):
         if i % 2 == 0:
-            return self.pipe.generate_task(prompt(i), seed=i, num_candidates=1)
-        return self.pipe.inpaint_task(prompt(i), image=self.picture, mask=self.mask, seed=i)
+            return self.pipe.task(self.pipe.request("generate", prompt(i), seed=i, num_candidates=1))
+        return self.pipe.task(self.pipe.request("inpaint", prompt(i), image=self.picture, mask=self.mask, seed=i))
 
     def concurrent(self) -> dict:
         # As under `muse serve`: the thread that loaded the model (this one) drives the engine, the clients submit.

@@ -93,9 +93,9 @@ class Stages:
             if isinstance(event, Step):
                 marks[event.job] = time.perf_counter()  # the last step of each job wins
 
-        task = self.pipe.generate_task(self.prompts, seed=list(range(self.batch)), stages=2, num_candidates=1,
-                                       num_steps=base_steps, superres_steps=sr_steps,
-                                       guidance_scale=self.guidance_scale)
+        task = self.pipe.task(self.pipe.request(
+            "generate", self.prompts, seed=list(range(self.batch)), stages=2, num_candidates=1, num_steps=base_steps,
+            superres_steps=sr_steps, guidance_scale=self.guidance_scale))
         start = time.perf_counter()
         self.pipe.engine.run(task, on_event=listen)
         end = time.perf_counter()

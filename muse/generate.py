@@ -47,6 +47,17 @@ from PIL import Image
 from muse.bundled import bundled_sampling_defaults
 from muse.options import add_option_arguments, given_options
 from persist import atomic_write, atomic_write_text
+from muse.requests import (
+    REQUESTS,
+    EditRequest,
+    GenerateRequest,
+    InpaintRequest,
+    OutpaintRequest,
+    Request,
+    UpscaleRequest,
+    add_request_arguments,
+    given_request,
+)
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.part*.jsonl"
@@ -84,75 +95,41 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
                         help="replace existing images (default: refuse to, naming them)")
 
 
-def _add_call_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """A task's per-call arguments and one flag per sampling option (but `exclude`: upscale runs the super-res stage
-    alone, so no base-stage steps or stages)."""
-    parser.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default: 1)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the first image; image k gets seed + k (default: random, recorded)")
-    parser.add_argument("--negative-prompt", default=None, help="prompt for guidance's unconditional branch")
-    add_option_arguments(parser, defaults=bundled_sampling_defaults(), exclude=exclude)
+def _add_task_arguments(parser: argparse.ArgumentParser, request: type[Request], prompt_required: bool = True) -> None:
+    """A task's arguments, from its request's fields (`muse.requests`), and one flag per sampling option it takes."""
+    add_request_arguments(parser, request, prompt_required)
+    add_option_arguments(parser, defaults=bundled_sampling_defaults(), exclude=request.excluded_options)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --prompts FILE)")
+    _add_task_arguments(parser, GenerateRequest, prompt_required=False)
     parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                         help="text file with one prompt per line (blank lines are skipped)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N",
                         help="images per pipeline call (default: 16)")
-    _add_call_arguments(parser)
     _add_model_arguments(parser, "a new numbered folder outputs/NNNN")
 
 
 def add_inpaint_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt")
-    parser.add_argument("--image", required=True, type=Path)
-    parser.add_argument("--mask", required=True, type=Path, help="same size as the image; white = regenerate")
-    _add_call_arguments(parser)
+    _add_task_arguments(parser, InpaintRequest)
     _add_model_arguments(parser, "outputs")
 
 
 def add_outpaint_arguments(parser: argparse.ArgumentParser) -> None:
     # "-8,0,0,0" would otherwise be read as an unknown option, not as a (negative, refused with a reason) --pad.
     parser._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$|^-\d*\.\d+$")
-    parser.add_argument("prompt")
-    parser.add_argument("--image", required=True, type=Path)
-    parser.add_argument("--pad", required=True, type=_parse_pad, metavar="LEFT,TOP,RIGHT,BOTTOM",
-                        help="pixels to add on each side, multiples of the model's token size")
-    _add_call_arguments(parser)
+    _add_task_arguments(parser, OutpaintRequest)
     _add_model_arguments(parser, "outputs")
 
 
 def add_upscale_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt")
-    parser.add_argument("--image", required=True, type=Path, help="an image at the base stage's resolution (64 px "
-                        "for the bundled model; larger sides in multiples of its token size are decoded in windows)")
-    _add_call_arguments(parser, exclude=("num_steps", "stages"))
+    _add_task_arguments(parser, UpscaleRequest)
     _add_model_arguments(parser, "outputs")
 
 
 def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt")
-    parser.add_argument("--image", required=True, type=Path)
-    parser.add_argument("--strength", required=True, type=float,
-                        help="fraction of the image's tokens to resample, in [0, 1]")
-    parser.add_argument("--iterations", type=int, default=1, help="re-mask and resample this many times")
-    parser.add_argument("--mode", default="random", choices=("random", "confidence"),
-                        help="which tokens to re-mask: random, or the least likely under the new prompt")
-    _add_call_arguments(parser)
+    _add_task_arguments(parser, EditRequest)
     _add_model_arguments(parser, "outputs")
-
-
-def _parse_pad(text: str) -> tuple[int, int, int, int]:
-    try:
-        pad = tuple(int(p) for p in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--pad must be four integers LEFT,TOP,RIGHT,BOTTOM, got {text!r}") from None
-    if len(pad) != 4:
-        raise argparse.ArgumentTypeError(f"--pad must be four integers LEFT,TOP,RIGHT,BOTTOM, got {text!r}")
-    if any(p < 0 for p in pad):
-        raise argparse.ArgumentTypeError(f"pad must not be negative, got {text!r} (left,top,right,bottom pixels)")
-    return pad
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -309,6 +286,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         raise SystemExit("muse generate: give either a prompt or --prompts FILE, not both")
     if args.prompt is not None:
         return [args.prompt]
+    from muse.inputs import file_problem
+
+    problem = file_problem(args.prompts, "a text file")
+    if problem not in (None, "does not exist"):  # only a regular file: a FIFO would block, /dev/zero never end
+        raise SystemExit(f"muse generate: cannot read --prompts {args.prompts}: it {problem}")
     try:
         lines = args.prompts.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -347,17 +329,23 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
-def _checked_options(args: argparse.Namespace, command: str) -> dict:
-    """The sampling options given on the command line, checked before any model is loaded."""
+def _checked_request(args: argparse.Namespace, command: str, prompts: list[str]) -> dict:
+    """The sampling options given on the command line, checked with the rest of the call's request before any model
+    is loaded (against the library's option defaults; the model's own are checked again once it is loaded). An error
+    names the flag where the request names its field: "--num-images must be >= 1", not "num_images ..."."""
     from muse.options import SamplingOptions
 
     options = given_options(args)
+    request = REQUESTS[command]
     try:
-        SamplingOptions().with_overrides(options)
+        request(prompts, options=SamplingOptions().with_overrides(options), **given_request(args, request))
     except (ValueError, TypeError) as e:
-        raise _fail(command, e) from None
-    if args.num_images < 1:
-        raise SystemExit(f"muse {command}: --num-images must be >= 1, got {args.num_images}")
+        message = str(e)
+        for name in given_request(args, request):
+            flag = "--" + name.replace("_", "-")
+            if message.startswith(f"{name} "):
+                message = flag + message[len(name):]
+        raise SystemExit(f"muse {command}: {message}") from None
     return options
 
 
@@ -367,7 +355,7 @@ def generate_main(args: argparse.Namespace) -> None:
     prompts = _read_prompts(args)
     if args.batch_size < 1:
         raise SystemExit(f"muse generate: --batch-size must be >= 1, got {args.batch_size}")
-    options = _checked_options(args, "generate")
+    options = _checked_request(args, "generate", prompts)
     _check_device(args.device, "generate")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     targets = _file_targets(args.out, args.num_images, "generate", args.overwrite)
@@ -450,14 +438,23 @@ def generate_main(args: argparse.Namespace) -> None:
           f"images in {out}, manifest {out / MANIFEST}", file=sys.stderr if rank else sys.stdout)
 
 
-def _run_image_task(args: argparse.Namespace, command: str, task_options: dict) -> None:
-    options = _checked_options(args, command)
+def _run_image_task(args: argparse.Namespace, command: str) -> None:
+    """`muse inpaint / outpaint / edit / upscale`: the request from the flags, its task run, its images saved."""
+    from muse.inputs import file_problem, image_size
+
+    options = _checked_request(args, command, [args.prompt])
     _check_device(args.device, command)
     for name in ("image", "mask"):
         path = getattr(args, name, None)
-        if path is not None and not path.is_file():
-            raise SystemExit(f"muse {command}: --{name} {path} " + ("is a directory, not an image file" if path.is_dir()
-                                                                   else "does not exist"))
+        if path is None:
+            continue
+        problem = file_problem(path)
+        if problem is not None:  # only regular files: a FIFO would block, /dev/zero never end
+            raise SystemExit(f"muse {command}: --{name} {path} {problem}")
+        try:
+            image_size(path, f"--{name}")  # the header: a PNG, JPEG or WebP image (its size is checked on load)
+        except ValueError as e:
+            raise _fail(command, e) from None
     targets = _file_targets(args.out, args.num_images, command, args.overwrite)
     folder = None if targets is not None else _output_dir(args.out or Path("outputs"), command)
     if folder is not None and args.seed is not None and not args.overwrite:
@@ -467,8 +464,8 @@ def _run_image_task(args: argparse.Namespace, command: str, task_options: dict) 
                 raise SystemExit(f"muse {command}: {name} exists; use --overwrite to replace it, or another --out")
     pipe = _load_pipeline(args, command)
     try:
-        result = getattr(pipe, command)(args.prompt, image=args.image, num_images=args.num_images, seed=args.seed,
-                                        negative_prompt=args.negative_prompt, **task_options, **options)
+        request = pipe.request(command, args.prompt, **given_request(args, REQUESTS[command]), **options)
+        result = pipe.engine.run(pipe.task(request))
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise _fail(command, e) from None
     if targets is None:
@@ -478,25 +475,16 @@ def _run_image_task(args: argparse.Namespace, command: str, task_options: dict) 
 
 
 def inpaint_main(args: argparse.Namespace) -> None:
-    _run_image_task(args, "inpaint", {"mask": args.mask})
+    _run_image_task(args, "inpaint")
 
 
 def outpaint_main(args: argparse.Namespace) -> None:
-    _run_image_task(args, "outpaint", {"pad": args.pad})
+    _run_image_task(args, "outpaint")
 
 
 def upscale_main(args: argparse.Namespace) -> None:
-    _run_image_task(args, "upscale", {})
-
-
-def _check_edit_arguments(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.strength <= 1.0:
-        raise SystemExit(f"muse edit: --strength must be a number in [0, 1], got {args.strength}")
-    if args.iterations < 1:
-        raise SystemExit(f"muse edit: --iterations must be >= 1, got {args.iterations}")
+    _run_image_task(args, "upscale")
 
 
 def edit_main(args: argparse.Namespace) -> None:
-    _check_edit_arguments(args)
-    _run_image_task(args, "edit", {"strength": args.strength, "iterations": args.iterations,
-                                          "mode": args.mode})
+    _run_image_task(args, "edit")

@@ -11,13 +11,19 @@
 Every sampling option (`muse.options.SamplingOptions`: num_steps, guidance_scale, temperature, ...) can be passed by
 keyword to every task; what a call does not set comes from `config.sampling`.
 
-Every task is a *task builder* over the one decoding engine (`muse.engine`, `pipe.engine`): it turns its inputs into
+This file holds the tasks. Its neighbours hold their plumbing: `muse.requests` (each task's inputs as a frozen,
+checked value), `muse.inputs` (images, masks, prompts, seeds and pads coerced and checked), `muse.loading` (pipeline
+directories, diffusers aMUSEd directories and hub ids, read and written) and `muse.components` (the registry of
+component kinds: the pipeline names no architecture).
+
+Every task is a *task builder* over the one decoding engine (`muse.engine`, `pipe.engine`): it turns its request into
 a starting token grid -- all masked for generation, the image's tokens with the masked ones removed for inpainting,
 the image's tokens on a larger masked canvas for outpainting, the image's tokens with a fraction re-masked for
 editing -- and yields it as a job; the engine decodes it, batched with whatever else is in flight. A grid larger than
 the transformer's is decoded window by window (`sampling.plan_windows`), one job per window, so a canvas can grow
-without limit. `pipe.inpaint(...)` runs its task to the end; `pipe.submit(pipe.inpaint_task(...))` starts it and
-returns a handle to wait on, stream step events from, or cancel (what the server does).
+without limit. Each task has one code path: `pipe.inpaint(...)` makes an `InpaintRequest`, builds its task
+(`pipe.task(request)`) and waits for it; `pipe.submit(request)` starts it and returns a handle to wait on, stream step
+events from, or cancel (what the server does).
 
 Text never reaches `sampling`: classifier-free guidance is mixed by the engine on the logits. The prompts are encoded
 once per task (through the text encoder's cache), and the transformer's cross-attention keys/values once per task
@@ -40,28 +46,34 @@ directory, loaded on first use), else the model's own mean log-probability of th
 from __future__ import annotations
 
 import dataclasses
-import json
-import numbers
 import os
-import random
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor, nn
 
-from muse import bundled
-from muse.bundled import DEFAULT_PRESET, PIPELINE_FILE, bundled_presets
-from muse.components import ROLES, kind_of, load_component, parse_components
-from muse.data.images import to_rgb
+from muse import inputs
+from muse.bundled import bundled_presets  # noqa: F401 - re-exported: `from muse.pipeline import bundled_presets`
+from muse.components import ROLES, BaseTransformer, ImageTokenizer, SuperResModel, check_components
 from muse.engine import Engine, Event, Job, ScoreJob, Task, TaskHandle, TaskSteps
 from muse.guidance import with_unconditional
-from muse.options import PRECISIONS, Limits, SamplingOptions, fast_bfloat16, option_names
+from muse.inputs import MAX_SEED, ImageInput, MaskInput
+from muse.loading import SCORER_DIR, PipelineConfig, load_scorer, read_pipeline, save_pipeline
+from muse.options import SamplingOptions, fast_bfloat16
+from muse.requests import (
+    REQUESTS,
+    EditRequest,
+    GenerateRequest,
+    InpaintRequest,
+    OutpaintRequest,
+    Request,
+    Scorer,
+    UpscaleRequest,
+)
 from sampling import (
     Window,
     composite,
@@ -73,68 +85,10 @@ from sampling import (
     plan_windows,
     token_padding,
 )
-from superres.model import SuperResTransformer
-from transformer.config import TextEncoderConfig
-from transformer.model import MaskedTransformer, TextContext
-from transformer.saving import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_config, read_weights
-from transformer.text import MINILM_ALIAS, TextEmbedding, TextEncoder, check_text
-from vqgan.model import VQGAN
+from transformer.model import TextContext
+from transformer.text import TextEmbedding, TextEncoder
 
-if TYPE_CHECKING:  # the second architecture's classes load through muse.components, when a pipeline uses them
-    from transformer.uvit import UVit2D
-    from vqgan.vqmodel import VQModel
-
-TEXT_ENCODER_FILE = "text_encoder.json"
-TEXT_ENCODER_DIR = "text_encoder"  # a local text encoder is copied here so the saved pipeline is self-contained
-
-EDIT_MODES = ("random", "confidence")
-MAX_SEED = 2**32  # seeds are 32-bit so that sub-streams (windows, stages, edit rounds) can use the high word
-
-# One image (or mask) in any of these forms, or a list of them of one size.
-ImageInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike, Sequence]
-MaskInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike, Sequence]
-# Best-of-N: (images, prompts) -> (B,) scores, higher is better. `muse.scorer.PromptScorer` is one.
-Scorer = Callable[[list[Image.Image], list[str]], Tensor]
-SCORER_DIR = "scorer"  # a PromptScorer saved here inside a pipeline directory is the default best-of-N scorer
-AMUSED_INDEX = "model_index.json"  # marks a diffusers pipeline directory
-AMUSED_PIPELINES = ("AmusedPipeline", "AmusedInpaintPipeline", "AmusedImg2ImgPipeline")
-AMUSED_TEXT_LENGTH = 77  # CLIP's context, which aMUSEd pads every prompt to
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """A pipeline's defaults; saved as pipeline.json beside the components."""
-
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)  # what a call does not set
-    mask_dilation: int = 1              # inpainting: tokens added around the masked ones, so edges are regenerated too
-    seam: int = 4                       # inpainting: pixels outside the regenerated tokens over which it is feathered
-    window_overlap: float = 0.5         # large canvases: fraction of the model's grid shared by neighbouring windows
-    # The token models' arithmetic: "auto" runs them in bfloat16 where the device does it fast (a CPU with AMX or
-    # AVX512-BF16, a GPU of compute capability 8.0 or more), else in float32. Set per model, once its quality in
-    # bfloat16 was measured equal (`muse eval --precision`).
-    precision: str = "float32"
-    limits: Limits = field(default_factory=Limits)
-
-    def __post_init__(self) -> None:
-        if self.mask_dilation < 0 or self.seam < 0:
-            raise ValueError(f"mask_dilation and seam must be >= 0, got {self.mask_dilation} and {self.seam}")
-        if not 0.0 < self.window_overlap < 1.0:
-            raise ValueError(f"window_overlap must be in (0, 1), got {self.window_overlap}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        self.limits.check(self.sampling)
-
-    def with_sampling(self, **overrides: Any) -> PipelineConfig:
-        """This config with some sampling defaults replaced: `config.with_sampling(num_steps=12)`."""
-        return dataclasses.replace(self, sampling=self.sampling.with_overrides(overrides))
-
-    @staticmethod
-    def from_dict(data: Any, where: str = "config") -> PipelineConfig:
-        """Read a saved config; the flat layout of earlier versions (sampling options beside the others) too."""
-        if isinstance(data, dict) and "sampling" not in data:
-            flat = {k: v for k, v in data.items() if k in option_names()}
-            data = {**{k: v for k, v in data.items() if k not in flat}, "sampling": flat}
-        return config_from_dict(PipelineConfig, data, where=where)
+__all__ = ["MusePipeline", "PipelineConfig", "PipelineOutput", "Scorer", "SCORER_DIR"]
 
 
 @dataclass
@@ -185,16 +139,17 @@ class _Call:
 
 class MusePipeline:
     """Text-to-image generation and editing with a VQGAN, a text encoder, a masked transformer and, optionally, a
-    token super-resolution stage. Components are public attributes; `superres_vqgan=None` means the high-res tokens
-    share the base VQGAN. `scorer` is the default best-of-N scorer (see the `scorer` property). `engine` decodes."""
+    token super-resolution stage. Components are public attributes, of any kind `muse.components` registers;
+    `superres_vqgan=None` means the high-res tokens share the base VQGAN. `scorer` is the default best-of-N scorer (see
+    the `scorer` property). `engine` decodes."""
 
     def __init__(
         self,
-        vqgan: VQGAN | VQModel,
+        vqgan: ImageTokenizer,
         text_encoder: TextEncoder,
-        transformer: MaskedTransformer | UVit2D,
-        superres: SuperResTransformer | None = None,
-        superres_vqgan: VQGAN | VQModel | None = None,
+        transformer: BaseTransformer,
+        superres: SuperResModel | None = None,
+        superres_vqgan: ImageTokenizer | None = None,
         config: PipelineConfig | None = None,
         scorer: Scorer | None = None,
     ) -> None:
@@ -207,44 +162,9 @@ class MusePipeline:
         self.engine = Engine()
         self._scorer = scorer
         self._scorer_dir: Path | None = None  # a saved PromptScorer not loaded yet (from_pretrained)
-        self._check_components()
+        check_components(self.vqgan, self.text_encoder, self.transformer, self.superres, self.superres_vqgan,
+                         self.config.sampling.stages)
         self._apply_precision()
-
-    def _check_components(self) -> None:
-        t = self.transformer.config
-        if t.codebook_size != self.vqgan.config.codebook_size:
-            raise ValueError(
-                f"the transformer predicts {t.codebook_size} codes but the VQGAN has {self.vqgan.config.codebook_size}"
-            )
-        if t.text_dim != self.text_encoder.dim:
-            raise ValueError(f"the transformer expects text states of width {t.text_dim}, the text encoder gives "
-                             f"{self.text_encoder.dim}")
-        pooled = getattr(t, "pooled_dim", None)  # architectures conditioned on a pooled text vector too (aMUSEd)
-        if pooled is not None and pooled != getattr(self.text_encoder, "pooled_dim", None):
-            raise ValueError(f"the transformer expects a pooled text vector of width {pooled}, the text encoder "
-                             f"gives {getattr(self.text_encoder, 'pooled_dim', None)}")
-        if self.superres is None:
-            if self.superres_vqgan is not None:
-                raise ValueError("superres_vqgan was given without a superres model")
-            if self.config.sampling.stages == 2:
-                raise ValueError("config.sampling.stages=2 needs a super-resolution stage, and this pipeline has none")
-            return
-        s = self.superres.config
-        if s.low_codebook_size != self.vqgan.config.codebook_size:
-            raise ValueError(f"the super-res model reads {s.low_codebook_size} low-res codes but the base VQGAN has "
-                             f"{self.vqgan.config.codebook_size}")
-        if s.high.codebook_size != self.high_vqgan.config.codebook_size:
-            raise ValueError(f"the super-res model predicts {s.high.codebook_size} codes but its VQGAN has "
-                             f"{self.high_vqgan.config.codebook_size}")
-        if s.high.text_dim != self.text_encoder.dim:
-            raise ValueError(f"the super-res model expects text states of width {s.high.text_dim}, the text encoder "
-                             f"gives {self.text_encoder.dim}")
-        if s.high.grid_size % t.grid_size:
-            raise ValueError(f"the super-res grid ({s.high.grid_size}) must be a multiple of the base grid "
-                             f"({t.grid_size})")
-        if s.low_grid_size != t.grid_size:
-            raise ValueError(f"the super-res model was trained on {s.low_grid_size}x{s.low_grid_size} low-res grids, "
-                             f"the base transformer makes {t.grid_size}x{t.grid_size}")
 
     def _apply_precision(self) -> None:
         """Put the token models in the dtype `config.precision` asks for on their device."""
@@ -260,7 +180,7 @@ class MusePipeline:
     # Facts about sizes
 
     @property
-    def high_vqgan(self) -> VQGAN:
+    def high_vqgan(self) -> ImageTokenizer:
         """The VQGAN of the super-resolution stage's tokens."""
         return self.vqgan if self.superres_vqgan is None else self.superres_vqgan
 
@@ -274,10 +194,7 @@ class MusePipeline:
         change it. A pipeline directory's `scorer/` is loaded here, on first use, so a pipeline that never ranks
         candidates never pays for the scorer's frozen towers."""
         if self._scorer is None and self._scorer_dir is not None:
-            from muse.scorer import PromptScorer
-
-            self._scorer = _load_component(SCORER_DIR, self._scorer_dir.parent,
-                                           lambda where: PromptScorer.load(where, device=self.device))
+            self._scorer = load_scorer(self._scorer_dir, self.device)
             self._scorer_dir = None
         return self._scorer
 
@@ -310,13 +227,6 @@ class MusePipeline:
         """Side in pixels of a generated image (the transformer's grid at the output resolution)."""
         return self.transformer.config.grid_size * self.stride(stages)
 
-    def _editing_options(self, options: SamplingOptions | None, overrides: dict[str, Any]) -> SamplingOptions:
-        """An editing task's options: as `options`, but one candidate unless the call asks for more -- a pipeline's
-        best-of-N default is for generation, where it pays; an edit is interactive, and its image constrains it."""
-        if options is None and "num_candidates" not in overrides:
-            overrides = {**overrides, "num_candidates": 1}
-        return self.options(options, **overrides)
-
     def options(self, options: SamplingOptions | None = None, **overrides: Any) -> SamplingOptions:
         """The sampling options of a call: `options` (default: `config.sampling`) with `overrides` by field name.
         Raises TypeError for an unknown name and ValueError for an invalid value or one over `config.limits`."""
@@ -326,7 +236,7 @@ class MusePipeline:
         return resolved
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Saving and loading
+    # Saving and loading (`muse.loading`)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, precision: str | None = None) -> MusePipeline:
@@ -341,66 +251,12 @@ class MusePipeline:
         Raises FileNotFoundError for an unknown path or preset or a missing component, ValueError for a corrupt
         component, naming it, and OSError for a hub id that cannot be had (offline and not in the cache).
         """
-        path = _resolve_model(path)
-        manifest_file = path / PIPELINE_FILE
-        if not manifest_file.is_file() and (path / AMUSED_INDEX).is_file():
-            return cls._from_diffusers(path, precision)
-        if not manifest_file.is_file():
-            raise FileNotFoundError(f"{path} is not a saved MusePipeline: {PIPELINE_FILE} not found")
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{manifest_file} is not valid JSON: {e}") from None
-        if not isinstance(manifest, dict) or set(manifest) != {"components", "config"}:
-            raise ValueError(f"{manifest_file} must be a JSON object with exactly the keys 'components' and 'config'")
-        config = PipelineConfig.from_dict(manifest["config"], where=str(manifest_file))
-        if precision is not None:
-            config = dataclasses.replace(config, precision=precision)
-        kinds = parse_components(manifest["components"], str(manifest_file))
-        loaded = {role: _load_component(role, path, lambda where, kind=kind: load_component(kind, where))
-                  for role, kind in kinds.items()}
-        text_encoder = _load_component("text_encoder", path, _load_text_encoder)
-        pipe = cls(loaded["vqgan"], text_encoder, loaded["transformer"], loaded.get("superres"),
-                   loaded.get("superres_vqgan"), config)
-        if (path / SCORER_DIR).is_dir():
-            # Its towers load on first use, but its own files are checked now: a damaged scorer must stop the load,
-            # not fail the first best-of-N request.
-            _load_component(SCORER_DIR, path, _check_scorer)
-            pipe._scorer_dir = path / SCORER_DIR
+        saved = read_pipeline(path, precision)
+        parts = saved.components
+        pipe = cls(parts["vqgan"], saved.text_encoder, parts["transformer"], parts.get("superres"),
+                   parts.get("superres_vqgan"), saved.config)
+        pipe._scorer_dir = saved.scorer_dir
         return pipe
-
-    @classmethod
-    def _from_diffusers(cls, path: Path, precision: str | None = None) -> MusePipeline:
-        """A diffusers aMUSEd directory, read without diffusers: transformer/ (UVit2DModel), vqvae/ (VQModel),
-        text_encoder/ + tokenizer/ (CLIPTextModelWithProjection), scheduler/ (its mask token and schedule). Sampling
-        defaults: the `amused` preset, AmusedScheduler's own. The weights' licence is the model's (aMUSEd:
-        OpenRAIL++-M, on its model card); musegen redistributes none of them."""
-        from muse.options import amused_options
-
-        index_file = path / AMUSED_INDEX
-        try:
-            index = json.loads(index_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{index_file} is not valid JSON: {e}") from None
-        kind = index.get("_class_name") if isinstance(index, dict) else None
-        if kind not in AMUSED_PIPELINES:
-            raise ValueError(f"{index_file}: _class_name is {kind!r}; musegen reads {', '.join(AMUSED_PIPELINES)}")
-        transformer = _load_component("transformer", path, lambda where: load_component("uvit2d", where))
-        vqgan = _load_component("vqvae", path, lambda where: load_component("vqmodel", where))
-        text_encoder = _load_component("text_encoder", path, lambda where: TextEncoder(
-            TextEncoderConfig(str(path), kind="clip", max_length=AMUSED_TEXT_LENGTH)))
-        scheduler_file = path / "scheduler" / "scheduler_config.json"
-        schedule = "cosine"
-        if scheduler_file.is_file():
-            scheduler = json.loads(scheduler_file.read_text())
-            if scheduler.get("mask_token_id", transformer.config.mask_token_id) != transformer.config.mask_token_id:
-                raise ValueError(f"{scheduler_file}: mask_token_id {scheduler['mask_token_id']} is not the "
-                                 f"transformer's last vocabulary id {transformer.config.mask_token_id}")
-            schedule = scheduler.get("masking_schedule", schedule)
-        config = PipelineConfig(sampling=dataclasses.replace(amused_options(), mask_schedule=schedule))
-        if precision is not None:
-            config = dataclasses.replace(config, precision=precision)
-        return cls(vqgan, text_encoder, transformer, config=config)
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write one directory per component, text_encoder.json, `scorer/` when the default scorer is a saved or
@@ -414,43 +270,9 @@ class MusePipeline:
         The pipeline is written into a new folder beside `path` and swapped in at the end: nothing of what was at
         `path` before (another pipeline's scorer/ or superres/) survives into it, and an interrupted save leaves the
         old one whole."""
-        path = Path(path)
-        fresh = path.with_name(f".{path.name}.new-{os.getpid()}")
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        shutil.rmtree(fresh, ignore_errors=True)
-        self._write(fresh, dtype, source=path)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(fresh, path)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def _write(self, path: Path, dtype: torch.dtype | None, source: Path) -> None:
-        """save_pretrained's work, into the empty folder `path`; `source` is where the pipeline is being saved to
-        (files already there, such as a copied text encoder, are read from it)."""
-        path.mkdir(parents=True)
-        components = {}
-        for role in ROLES:
-            module = getattr(self, role)
-            if module is not None:
-                module.save_pretrained(path / role, dtype)
-                components[role] = kind_of(module)
-
-        text_config = self.text_encoder.config
-        if text_config.name_or_path != MINILM_ALIAS and Path(self.text_encoder.source).is_dir():
-            # A local model would not exist on another machine: ship a copy and point at it (relative to `path`).
-            self.text_encoder.save_pretrained(path / TEXT_ENCODER_DIR)
-            text_config = dataclasses.replace(text_config, name_or_path=TEXT_ENCODER_DIR)
-        _write_json(path / TEXT_ENCODER_FILE, dataclasses.asdict(text_config))
-        target = path / SCORER_DIR
-        if self._scorer_dir is not None:
-            # Not loaded yet: copy its two files rather than load its towers just to write them back.
-            target.mkdir()
-            for name in (CONFIG_NAME, WEIGHTS_NAME):
-                shutil.copyfile(self._scorer_dir / name, target / name)
-        elif hasattr(self._scorer, "save"):
-            self._scorer.save(target)
-        # A scorer that is a plain function is the caller's code, not a component: nothing to save.
-        _write_json(path / PIPELINE_FILE, {"components": components, "config": dataclasses.asdict(self.config)})
+        scorer = self._scorer_dir if self._scorer_dir is not None else self._scorer
+        save_pipeline(path, {role: getattr(self, role) for role in ROLES}, self.text_encoder, self.config, scorer,
+                      dtype)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MusePipeline:
         """Move every component (in place) and return the pipeline. Without `dtype`, the token models take the
@@ -466,11 +288,45 @@ class MusePipeline:
         return self
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Public tasks: each `X(...)` runs `X_task(...)` to the end. Sampling options go by keyword (`SamplingOptions`).
+    # Requests and tasks: each method below makes its request and runs its task to the end. Sampling options go by
+    # keyword (`SamplingOptions`), or all at once as `options`.
 
-    def submit(self, task: Task, on_event: Callable[[Event], None] | None = None) -> TaskHandle:
-        """Start a task built by one of the `*_task` methods without waiting for it (`engine.submit`)."""
-        return self.engine.submit(task, on_event)
+    def request(self, task: str, prompt: str | Sequence[str], *, options: SamplingOptions | None = None,
+                **arguments: Any) -> Request:
+        """The request of `task` ("generate", "inpaint", "outpaint", "edit", "upscale") from the keyword form of its
+        method: the request's own fields by name (`image=...`, `seed=...`), and sampling options by name over
+        `options` (default: `config.sampling`; the editing tasks make one candidate unless asked, and upscale takes
+        no base-stage option). What a server or a queue builds from a call's keywords."""
+        if task not in REQUESTS:
+            raise ValueError(f"unknown task {task!r}; the tasks are {', '.join(REQUESTS)}")
+        cls = REQUESTS[task]
+        own = {f.name for f in dataclasses.fields(cls)} - {"prompt", "options"}
+        for name in cls.excluded_options:
+            if name in arguments:
+                raise ValueError(f"{task} runs the super-resolution stage alone: {name} does not apply (the stage's "
+                                 "steps are superres_steps)")
+        overrides = {name: value for name, value in arguments.items() if name not in own}
+        if not cls.default_candidates and options is None and "num_candidates" not in overrides:
+            overrides["num_candidates"] = 1
+        resolved = self.options(options, **overrides)
+        return cls(prompt, options=resolved, **{name: value for name, value in arguments.items() if name in own})
+
+    def task(self, request: Request) -> Task:
+        """The engine task of `request`, for `submit` or an engine of your own. Every input is checked here, before
+        any work: the request checked itself when made; what depends on this pipeline (its limits, its token size,
+        the images' real sizes) is checked now."""
+        if not isinstance(request, Request):
+            raise TypeError(f"a task is made from a request (GenerateRequest, InpaintRequest, ...), got "
+                            f"{type(request).__name__}")
+        self.config.limits.check(request.options)  # options made elsewhere than `self.options`
+        build = {GenerateRequest: self._generate_task, InpaintRequest: self._inpaint_task,
+                 OutpaintRequest: self._outpaint_task, EditRequest: self._edit_task,
+                 UpscaleRequest: self._upscale_task}[type(request)]
+        return build(request)
+
+    def submit(self, request: Request | Task, on_event: Callable[[Event], None] | None = None) -> TaskHandle:
+        """Start a request's task (or a task already built by `task`) without waiting for it (`engine.submit`)."""
+        return self.engine.submit(self.task(request) if isinstance(request, Request) else request, on_event)
 
     def __call__(
         self,
@@ -483,7 +339,7 @@ class MusePipeline:
         options: SamplingOptions | None = None,
         **overrides: Any,
     ) -> PipelineOutput:
-        """Generate `num_images` images per prompt.
+        """Generate `num_images` images per prompt (`GenerateRequest`).
 
         Images are ordered prompt-major. `seed`: an int gives image i seed + i, a list gives one seed per image,
         None draws a random base seed; `PipelineOutput.seeds` records each. `negative_prompt` (one, or one per
@@ -493,24 +349,9 @@ class MusePipeline:
         `num_candidates` > 1 makes that many candidates per image and keeps the best by `scorer` (None: `self.scorer`,
         else the model's mean token log-probability); see the module docstring for the candidates' seeds.
         """
-        return self.engine.run(self.generate_task(prompt, num_images=num_images, seed=seed,
-                                                  negative_prompt=negative_prompt, scorer=scorer, options=options,
-                                                  **overrides))
-
-    def generate_task(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        num_images: int = 1,
-        seed: int | Sequence[int] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        scorer: Scorer | None = None,
-        options: SamplingOptions | None = None,
-        **overrides: Any,
-    ) -> Task:
-        """`__call__`'s work as a task for `submit`; every input is checked here, before any work."""
-        call = self._call(_prompt_list(prompt), num_images, negative_prompt, seed, self.options(options, **overrides))
-        return Task(self._best_of(self._generate(call), call, scorer), "generate")
+        return self.engine.run(self.task(self.request(
+            "generate", prompt, num_images=num_images, seed=seed, negative_prompt=negative_prompt, scorer=scorer,
+            options=options, **overrides)))
 
     def inpaint(
         self,
@@ -525,49 +366,21 @@ class MusePipeline:
         options: SamplingOptions | None = None,
         **overrides: Any,
     ) -> PipelineOutput:
-        """Regenerate the part of `image` where `mask` is white (True), guided by the prompt.
+        """Regenerate the part of `image` where `mask` is white (True), guided by the prompt (`InpaintRequest`).
 
-        image: PIL image, path, numpy (H, W, 3) uint8 or float in [0, 1], or tensor (3, H, W) / (N, 3, H, W) in
-        [-1, 1]; H and W multiples of `stride(stages)`. mask: same size, PIL (L or 1) / path / numpy / tensor, white or
-        True = regenerate; one mask, or one per image. Several images and prompts pair up (or one broadcasts).
+        image: PIL image, path, encoded bytes, numpy (H, W, 3) uint8 or float in [0, 1], or tensor (3, H, W) /
+        (N, 3, H, W) in [-1, 1]; H and W multiples of `stride(stages)`. mask: same size, PIL (L or 1) / path / bytes /
+        numpy / tensor, white or True = regenerate; one mask, or one per image. Several images and prompts pair up (or
+        one broadcasts). Files and bytes: PNG, JPEG or WebP (`muse.inputs`).
 
         Every token touching a masked pixel, grown by `config.mask_dilation` tokens, is regenerated; the masked
         pixels are blanked before encoding so the kept tokens carry nothing of the old content. The result is pasted
         over the input with a `config.seam`-pixel feather: pixels farther than that from the regenerated tokens are
         the input's, bit for bit.
         """
-        return self.engine.run(self.inpaint_task(prompt, image=image, mask=mask, num_images=num_images, seed=seed,
-                                                 negative_prompt=negative_prompt, scorer=scorer, options=options,
-                                                 **overrides))
-
-    def inpaint_task(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        image: ImageInput,
-        mask: MaskInput,
-        num_images: int = 1,
-        seed: int | Sequence[int] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        scorer: Scorer | None = None,
-        options: SamplingOptions | None = None,
-        **overrides: Any,
-    ) -> Task:
-        """`inpaint`'s work as a task for `submit`; every input is checked here, before any work."""
-        options = self._editing_options(options, overrides)
-        prompts = _prompt_list(prompt)
-        stride = self.stride(self._resolve_stages(options.stages))
-        images = self._image_input(image)
-        masks = _mask_tensor(mask, "mask")
-        if masks.shape[-2:] != images.shape[-2:]:
-            raise ValueError(f"the mask is {masks.shape[-1]}x{masks.shape[-2]} pixels but the image is "
-                             f"{images.shape[-1]}x{images.shape[-2]}; they must be the same size")
-        _check_size(images, stride, "image")
-        self._check_canvas(*images.shape[-2:], stride)
-        prompts, images, masks = _paired(prompts, images, masks)
-        call = self._call(prompts, num_images, negative_prompt, seed, options)
-        return Task(self._best_of(self._inpaint(call, call.repeat(images), call.repeat(masks)), call, scorer),
-                    "inpaint")
+        return self.engine.run(self.task(self.request(
+            "inpaint", prompt, image=image, mask=mask, num_images=num_images, seed=seed,
+            negative_prompt=negative_prompt, scorer=scorer, options=options, **overrides)))
 
     def outpaint(
         self,
@@ -582,42 +395,15 @@ class MusePipeline:
         options: SamplingOptions | None = None,
         **overrides: Any,
     ) -> PipelineOutput:
-        """Extend `image` by `pad` = (left, top, right, bottom) pixels, each a multiple of `stride(stages)`.
+        """Extend `image` by `pad` = (left, top, right, bottom) pixels, each a multiple of `stride(stages)`
+        (`OutpaintRequest`).
 
         The canvas may be larger than the model's grid: it is decoded window by window, each window overlapping what
         is already known, growing outward from the image. The original pixels are kept exactly.
         """
-        return self.engine.run(self.outpaint_task(prompt, image=image, pad=pad, num_images=num_images, seed=seed,
-                                                  negative_prompt=negative_prompt, scorer=scorer, options=options,
-                                                  **overrides))
-
-    def outpaint_task(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        image: ImageInput,
-        pad: tuple[int, int, int, int],
-        num_images: int = 1,
-        seed: int | Sequence[int] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        scorer: Scorer | None = None,
-        options: SamplingOptions | None = None,
-        **overrides: Any,
-    ) -> Task:
-        """`outpaint`'s work as a task for `submit`; every input is checked here, before any work."""
-        options = self._editing_options(options, overrides)
-        prompts = _prompt_list(prompt)
-        stride = self.stride(self._resolve_stages(options.stages))
-        images = self._image_input(image)
-        _check_size(images, stride, "image")
-        pad = _check_pad(pad, stride)
-        self.config.limits.check_value("the largest pad", max(pad), "max_pad")
-        height, width = images.shape[-2] + pad[1] + pad[3], images.shape[-1] + pad[0] + pad[2]
-        self.config.limits.check_value("the outpainted canvas's pixels", height * width, "max_pixels")
-        self._check_canvas(height, width, stride)
-        prompts, images, _ = _paired(prompts, images)
-        call = self._call(prompts, num_images, negative_prompt, seed, options)
-        return Task(self._best_of(self._outpaint(call, call.repeat(images), pad), call, scorer), "outpaint")
+        return self.engine.run(self.task(self.request(
+            "outpaint", prompt, image=image, pad=pad, num_images=num_images, seed=seed,
+            negative_prompt=negative_prompt, scorer=scorer, options=options, **overrides)))
 
     def edit(
         self,
@@ -635,50 +421,16 @@ class MusePipeline:
         **overrides: Any,
     ) -> PipelineOutput:
         """Mask-free editing and variations (Muse section 4.3): re-mask a fraction `strength` of the image's tokens
-        and resample them under the new prompt, `iterations` times.
+        and resample them under the new prompt, `iterations` times (`EditRequest`).
 
         mode "random" re-masks tokens chosen by the image's seed; "confidence" re-masks those the model finds least
         likely under the new prompt. strength 0 returns the input unchanged; strength 1 ignores it (with one iteration
         and mode "random", the result is `pipe(prompt, seed=...)`'s). With a super-resolution stage, the high-res
         tokens under every re-masked low-res token are regenerated.
         """
-        return self.engine.run(self.edit_task(prompt, image=image, strength=strength, iterations=iterations,
-                                              mode=mode, num_images=num_images, seed=seed,
-                                              negative_prompt=negative_prompt, scorer=scorer, options=options,
-                                              **overrides))
-
-    def edit_task(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        image: ImageInput,
-        strength: float,
-        iterations: int = 1,
-        mode: str = "random",
-        num_images: int = 1,
-        seed: int | Sequence[int] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        scorer: Scorer | None = None,
-        options: SamplingOptions | None = None,
-        **overrides: Any,
-    ) -> Task:
-        """`edit`'s work as a task for `submit`; every input is checked here, before any work."""
-        options = self._editing_options(options, overrides)
-        prompts = _prompt_list(prompt)
-        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-        _check_int(iterations, "iterations")
-        self.config.limits.check_value("iterations", iterations, "max_iterations")
-        if mode not in EDIT_MODES:
-            raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
-        stride = self.stride(self._resolve_stages(options.stages))
-        images = self._image_input(image)
-        _check_size(images, stride, "image")
-        self._check_canvas(*images.shape[-2:], stride)
-        prompts, images, _ = _paired(prompts, images)
-        call = self._call(prompts, num_images, negative_prompt, seed, options)
-        steps = self._edit(call, call.repeat(images), float(strength), iterations, mode)
-        return Task(self._best_of(steps, call, scorer, unchanged=strength == 0), "edit")
+        return self.engine.run(self.task(self.request(
+            "edit", prompt, image=image, strength=strength, iterations=iterations, mode=mode, num_images=num_images,
+            seed=seed, negative_prompt=negative_prompt, scorer=scorer, options=options, **overrides)))
 
     def upscale(
         self,
@@ -692,42 +444,109 @@ class MusePipeline:
         options: SamplingOptions | None = None,
         **overrides: Any,
     ) -> PipelineOutput:
-        """Super-resolve `image` with the super-res stage alone: the image, at the base stage's resolution (sides
-        multiples of `stride(1)`), is tokenized by the base VQGAN and its tokens condition the super-res transformer,
-        which decodes the high-res grid from scratch in `superres_steps` steps. Any image works, not only the base
-        stage's own; a larger one is decoded window by window. `low_res_tokens` holds the input's tokens. The base
-        stage's options (num_steps, stages) do not apply."""
-        return self.engine.run(self.upscale_task(prompt, image=image, num_images=num_images, seed=seed,
-                                                 negative_prompt=negative_prompt, scorer=scorer, options=options,
-                                                 **overrides))
+        """Super-resolve `image` with the super-res stage alone (`UpscaleRequest`): the image, at the base stage's
+        resolution (sides multiples of `stride(1)`), is tokenized by the base VQGAN and its tokens condition the
+        super-res transformer, which decodes the high-res grid from scratch in `superres_steps` steps. Any image
+        works, not only the base stage's own; a larger one is decoded window by window. `low_res_tokens` holds the
+        input's tokens. The base stage's options (num_steps, stages) do not apply."""
+        return self.engine.run(self.task(self.request(
+            "upscale", prompt, image=image, num_images=num_images, seed=seed, negative_prompt=negative_prompt,
+            scorer=scorer, options=options, **overrides)))
 
-    def upscale_task(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        image: ImageInput,
-        num_images: int = 1,
-        seed: int | Sequence[int] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        scorer: Scorer | None = None,
-        options: SamplingOptions | None = None,
-        **overrides: Any,
-    ) -> Task:
-        """`upscale`'s work as a task for `submit`; every input is checked here, before any work."""
+    # ----------------------------------------------------------------------------------------------------------------
+    # Task builders: the checks that depend on this pipeline, then the task's steps
+
+    def _generate_task(self, request: GenerateRequest) -> Task:
+        call = self._call(request.prompts, request)
+        return Task(self._best_of(self._generate(call), call, request.scorer), "generate")
+
+    def _inpaint_task(self, request: InpaintRequest) -> Task:
+        stride = self.stride(self._resolve_stages(request.options.stages))
+        images = self._image_input(request.image)
+        masks = inputs.mask_tensor(request.mask, "mask", self.config.limits.max_pixels)
+        if masks.shape[-2:] != images.shape[-2:]:
+            raise ValueError(f"the mask is {masks.shape[-1]}x{masks.shape[-2]} pixels but the image is "
+                             f"{images.shape[-1]}x{images.shape[-2]}; they must be the same size")
+        inputs.check_size(images, stride, "image")
+        self._check_canvas(*images.shape[-2:], stride)
+        prompts, images, masks = inputs.paired(request.prompts, images, masks)
+        call = self._call(prompts, request)
+        return Task(self._best_of(self._inpaint(call, call.repeat(images), call.repeat(masks)), call,
+                                  request.scorer), "inpaint")
+
+    def _outpaint_task(self, request: OutpaintRequest) -> Task:
+        stride = self.stride(self._resolve_stages(request.options.stages))
+        images = self._image_input(request.image)
+        inputs.check_size(images, stride, "image")
+        pad = request.pad
+        inputs.check_pad_stride(pad, stride)
+        self.config.limits.check_value("the largest pad", max(pad), "max_pad")
+        height, width = images.shape[-2] + pad[1] + pad[3], images.shape[-1] + pad[0] + pad[2]
+        self.config.limits.check_value("the outpainted canvas's pixels", height * width, "max_pixels")
+        self._check_canvas(height, width, stride)
+        prompts, images, _ = inputs.paired(request.prompts, images)
+        call = self._call(prompts, request)
+        return Task(self._best_of(self._outpaint(call, call.repeat(images), pad), call, request.scorer), "outpaint")
+
+    def _edit_task(self, request: EditRequest) -> Task:
+        self.config.limits.check_value("iterations", request.iterations, "max_iterations")
+        stride = self.stride(self._resolve_stages(request.options.stages))
+        images = self._image_input(request.image)
+        inputs.check_size(images, stride, "image")
+        self._check_canvas(*images.shape[-2:], stride)
+        prompts, images, _ = inputs.paired(request.prompts, images)
+        call = self._call(prompts, request)
+        strength = float(request.strength)
+        steps = self._edit(call, call.repeat(images), strength, request.iterations, request.mode)
+        return Task(self._best_of(steps, call, request.scorer, unchanged=strength == 0), "edit")
+
+    def _upscale_task(self, request: UpscaleRequest) -> Task:
         if self.superres is None:
             raise ValueError("this pipeline has no super-resolution stage to upscale with")
-        for name in ("num_steps", "stages"):
-            if name in overrides:
-                raise ValueError(f"upscale runs the super-resolution stage alone: {name} does not apply (the "
-                                 "stage's steps are superres_steps)")
-        options = self._editing_options(options, overrides)
-        prompts = _prompt_list(prompt)
-        images = self._image_input(image)
-        _check_size(images, self.stride(1), "image")
+        images = self._image_input(request.image)
+        inputs.check_size(images, self.stride(1), "image")
         self._check_canvas(*images.shape[-2:], self.stride(1))
-        prompts, images, _ = _paired(prompts, images)
-        call = self._call(prompts, num_images, negative_prompt, seed, dataclasses.replace(options, stages=2))
-        return Task(self._best_of(self._upscale(call, call.repeat(images)), call, scorer), "upscale")
+        prompts, images, _ = inputs.paired(request.prompts, images)
+        call = self._call(prompts, request, dataclasses.replace(request.options, stages=2))
+        return Task(self._best_of(self._upscale(call, call.repeat(images)), call, request.scorer), "upscale")
+
+    def _call(self, prompts: list[str], request: Request, options: SamplingOptions | None = None) -> _Call:
+        """Expand the request's per-prompt inputs (`prompts` paired with its images) to one row per image and
+        candidate, checking what depends on the count: the images' limit, negative prompts, seeds."""
+        options = request.options if options is None else options
+        num_images, n = request.num_images, options.num_candidates
+        self.config.limits.check_value("images (prompts x num_images x num_candidates)",
+                                       len(prompts) * num_images * n, "max_images")
+        negatives = [""] * len(prompts)
+        if request.negative_prompt is not None:
+            negatives = inputs.broadcast(inputs.prompt_list(request.negative_prompt, "negative_prompt"), len(prompts),
+                                         "negative_prompt", "prompts")
+        image_seeds = inputs.seed_list(request.seed, len(prompts) * num_images)
+        seeds = torch.tensor(image_seeds, dtype=torch.int64, device=self.device)
+        # Candidate j of the image with seed s: seed (s * n + j) mod 2**32, so distinct images' candidates never share
+        # a seed (below 2**32 / n), and n = 1 is the image's own seed.
+        seeds = ((seeds[:, None] * n + torch.arange(n, device=self.device)) % MAX_SEED).flatten()  # (B,)
+        return _Call(
+            prompts=[p for p in prompts for _ in range(num_images * n)],
+            negatives=[q for q in negatives for _ in range(num_images * n)],
+            seeds=seeds,
+            image_seeds=image_seeds,
+            options=options,
+            stages=self._resolve_stages(options.stages),
+        )
+
+    def _image_input(self, image: ImageInput) -> Tensor:
+        """(N, 3, H, W) images within `limits.max_pixels` (files and bytes checked from their header)."""
+        images = inputs.image_tensor(image, "image", self.config.limits.max_pixels)
+        self.config.limits.check_value(f"the image's pixels ({images.shape[-1]}x{images.shape[-2]})",
+                                       images.shape[-1] * images.shape[-2], "max_pixels")
+        return images
+
+    def _check_canvas(self, height: int, width: int, stride: int) -> None:
+        """The base-stage token canvas of a (height, width) pixel image is within `limits.max_tokens`."""
+        tokens = (height // stride) * (width // stride)
+        self.config.limits.check_value(f"the canvas's tokens ({width // stride}x{height // stride})", tokens,
+                                       "max_tokens")
 
     # ----------------------------------------------------------------------------------------------------------------
     # The tasks' steps: generators that yield engine jobs and return (PipelineOutput, mean log-probability (B,))
@@ -859,52 +678,6 @@ class MusePipeline:
     # ----------------------------------------------------------------------------------------------------------------
     # The shared machinery
 
-    def _call(
-        self,
-        prompts: list[str],
-        num_images: int,
-        negative_prompt: str | Sequence[str] | None,
-        seed: int | Sequence[int] | None,
-        options: SamplingOptions,
-    ) -> _Call:
-        """Check the per-call inputs and expand the per-prompt ones to one row per image and candidate."""
-        _check_int(num_images, "num_images")
-        n = options.num_candidates
-        self.config.limits.check_value("images (prompts x num_images x num_candidates)",
-                                       len(prompts) * num_images * n, "max_images")
-        negatives = [""] * len(prompts)
-        if negative_prompt is not None:
-            if not options.guided:
-                raise ValueError(f"negative_prompt replaces the unconditional branch of guidance, which is off at "
-                                 f"guidance_scale={options.guidance_scale}; use a guidance_scale above 1")
-            negatives = _broadcast(_prompt_list(negative_prompt, "negative_prompt"), len(prompts), "negative_prompt",
-                                   "prompts")
-        image_seeds = _seed_list(seed, len(prompts) * num_images)
-        seeds = torch.tensor(image_seeds, dtype=torch.int64, device=self.device)
-        # Candidate j of the image with seed s: seed (s * n + j) mod 2**32, so distinct images' candidates never share
-        # a seed (below 2**32 / n), and n = 1 is the image's own seed.
-        seeds = ((seeds[:, None] * n + torch.arange(n, device=self.device)) % MAX_SEED).flatten()  # (B,)
-        return _Call(
-            prompts=[p for p in prompts for _ in range(num_images * n)],
-            negatives=[q for q in negatives for _ in range(num_images * n)],
-            seeds=seeds,
-            image_seeds=image_seeds,
-            options=options,
-            stages=self._resolve_stages(options.stages),
-        )
-
-    def _image_input(self, image: ImageInput) -> Tensor:
-        images = _image_tensor(image, "image")
-        self.config.limits.check_value(f"the image's pixels ({images.shape[-1]}x{images.shape[-2]})",
-                                       images.shape[-1] * images.shape[-2], "max_pixels")
-        return images
-
-    def _check_canvas(self, height: int, width: int, stride: int) -> None:
-        """The base-stage token canvas of a (height, width) pixel image is within `limits.max_tokens`."""
-        tokens = (height // stride) * (width // stride)
-        self.config.limits.check_value(f"the canvas's tokens ({width // stride}x{height // stride})", tokens,
-                                       "max_tokens")
-
     def _text(self, call: _Call) -> TextEmbedding:
         """The text of every row, encoded once: B conditional rows, then B unconditional ones when guided."""
         return self.text_encoder(call.text_rows)
@@ -1021,7 +794,7 @@ class MusePipeline:
     def _masked(self, batch: int, grid: tuple[int, int], mask_id: int) -> Tensor:
         return torch.full((batch, *grid), mask_id, dtype=torch.long, device=self.device)
 
-    def _encode(self, vqgan: VQGAN, images: Tensor) -> Tensor:
+    def _encode(self, vqgan: ImageTokenizer, images: Tensor) -> Tensor:
         """(B, 3, H, W) float32 in [-1, 1] on any device -> (B, h, w) long on the pipeline's device."""
         weight = next(vqgan.parameters())
         images = images.to(weight.device, weight.dtype)
@@ -1061,54 +834,6 @@ class MusePipeline:
                               candidate_seeds=row_seeds if n > 1 else None)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def _prompt_list(prompt: str | Sequence[str], name: str = "prompt") -> list[str]:
-    """One prompt or a list of them, checked: strings of valid text; `prompt` also non-empty (a negative prompt may
-    be "", the empty prompt guidance uses anyway)."""
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
-    if not prompts:
-        raise ValueError(f"{name} is an empty list; give at least one prompt")
-    for i, p in enumerate(prompts):
-        where = name if isinstance(prompt, str) else f"{name}[{i}]"
-        if not isinstance(p, str):
-            raise TypeError(f"{where} must be a string, got {type(p).__name__}")
-        check_text(p, where)
-        if name == "prompt" and not p.strip():
-            raise ValueError(f"{where} is empty; describe the image to make")
-    return list(prompts)
-
-
-def _check_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-def _seed_list(seed: int | Sequence[int] | None, n: int) -> list[int]:
-    """One seed per image: int s -> s, s+1, ...; a list -> itself; None -> a random base seed, counted up."""
-    if seed is None:
-        base = random.SystemRandom().randrange(MAX_SEED - n)
-        return [base + i for i in range(n)]
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        seeds = [int(seed) + i for i in range(n)]
-    elif isinstance(seed, (list, tuple)):
-        if len(seed) != n:
-            raise ValueError(f"seed is a list of {len(seed)} but there are {n} images; give one seed per image")
-        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in seed):
-            raise TypeError("every seed must be an integer")
-        seeds = [int(s) for s in seed]
-    else:
-        raise TypeError(f"seed must be an integer, a list of integers or None, got {type(seed).__name__}")
-    if min(seeds) < 0 or max(seeds) >= MAX_SEED:
-        raise ValueError(f"seeds must lie in [0, 2**32), got {min(seeds)}..{max(seeds)}")
-    return seeds
 
 
 def _substream(seeds: Tensor, stage: int, iteration: int, window: int) -> Tensor:
@@ -1119,287 +844,8 @@ def _substream(seeds: Tensor, stage: int, iteration: int, window: int) -> Tensor
     return seeds + (tag << 32)
 
 
-def _broadcast(values: list, n: int, name: str, of: str) -> list:
-    """`values` for n things (`of` names them): one value broadcasts, n pair up."""
-    if len(values) == n:
-        return values
-    if len(values) == 1:
-        return values * n
-    raise ValueError(f"got {len(values)} values for {name} but {n} {of}; give one or {n}")
-
-
-def _paired(
-    prompts: list[str], images: Tensor, masks: Tensor | None = None
-) -> tuple[list[str], Tensor, Tensor | None]:
-    """Pair prompts with images (N, 3, H, W) and masks (N, H, W): equal counts pair up, a count of 1 broadcasts."""
-    counts = [len(prompts), images.shape[0]] + ([] if masks is None else [masks.shape[0]])
-    n = max(counts)
-    if any(c not in (1, n) for c in counts):
-        raise ValueError(f"cannot pair {' / '.join(map(str, counts))} prompts / images / masks: give one of each, or "
-                         "equal numbers")
-
-    def expand(x: Tensor) -> Tensor:
-        return x.expand(n, *x.shape[1:])
-
-    return _broadcast(prompts, n, "prompt", "images"), expand(images), None if masks is None else expand(masks)
-
-
-def _open_image(path: str | os.PathLike, name: str) -> Image.Image:
-    """The image file at `path`, fully decoded; FileNotFoundError or ValueError naming the file otherwise."""
-    where = os.fspath(path)
-    if not os.path.exists(where):
-        raise FileNotFoundError(f"{name}: {where} does not exist")
-    if os.path.isdir(where):
-        raise ValueError(f"{name}: {where} is a directory, not an image file")
-    try:
-        with Image.open(where) as image:
-            image.load()  # decode now: a truncated file fails here, with its name
-            return image
-    except UnidentifiedImageError:
-        raise ValueError(f"{name}: {where} is not an image file PIL can read (not an image, or truncated or corrupt "
-                         "before its header ends)") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{name}: {where} is too large to decode safely ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{name}: {where} is truncated or corrupt ({e})") from None
-
-
-def _stacked(items: list, convert: Callable[[Any, str], Tensor], name: str) -> Tensor:
-    """A list of images (or masks) of one size, each in any accepted form -> one batch."""
-    if not items:
-        raise ValueError(f"{name} is an empty list")
-    for i, item in enumerate(items):
-        if isinstance(item, (list, tuple)):
-            raise TypeError(f"{name}[{i}] must be a PIL image, a path, a numpy array or a tensor, got a nested "
-                            f"{type(item).__name__}")
-    parts = [convert(item, f"{name}[{i}]") for i, item in enumerate(items)]
-    sizes = {tuple(p.shape[-2:]) for p in parts}
-    if len(sizes) > 1:
-        raise ValueError(f"the {name} list mixes sizes {sorted(sizes)} (height, width); give images of one size")
-    return torch.cat(parts)
-
-
-def _image_tensor(image: ImageInput, name: str) -> Tensor:
-    """Any accepted image form, or a list of them -> (N, 3, H, W) float32 in [-1, 1] on the CPU."""
-    if isinstance(image, (list, tuple)):
-        return _stacked(list(image), _image_tensor, name)
-    if isinstance(image, (str, os.PathLike)):
-        image = _open_image(image, name)
-    if isinstance(image, Image.Image):
-        try:
-            rgb = to_rgb(image)  # training's conversion: transparency on white, 16-bit scaled
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{name}: cannot convert a {image.mode} image to RGB: {e}") from None
-        image = np.asarray(rgb)
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.ndim != 3 or image.shape[-1] not in (1, 3):
-            raise ValueError(f"{name}: a numpy image must be (H, W, 3) or (H, W), got shape {image.shape}")
-        if image.dtype == np.uint8:
-            x = torch.from_numpy(np.array(image)).float().div(127.5).sub(1.0)
-        elif np.issubdtype(image.dtype, np.floating):
-            if image.size and not (image.min() >= 0.0 and image.max() <= 1.0):
-                raise ValueError(f"{name}: a float numpy image must hold values in [0, 1]")
-            x = torch.from_numpy(np.array(image, dtype=np.float32)).mul(2.0).sub(1.0)
-        else:
-            raise ValueError(f"{name}: a numpy image must be uint8 or float, got {image.dtype}")
-        return x.permute(2, 0, 1).expand(3, -1, -1)[None].contiguous()  # (1, 3, H, W)
-    if isinstance(image, Tensor):
-        x = image[None] if image.ndim == 3 else image
-        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
-            raise ValueError(f"{name}: a tensor image must be float (3, H, W) or (N, 3, H, W), got "
-                             f"{x.dtype} {tuple(image.shape)}")
-        x = x.detach().float().cpu()
-        if x.numel() and not (x.min() >= -1.0 and x.max() <= 1.0):
-            raise ValueError(f"{name}: a tensor image must hold values in [-1, 1]")
-        return x
-    raise TypeError(f"{name} must be a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}")
-
-
-def _mask_tensor(mask: MaskInput, name: str) -> Tensor:
-    """Any accepted mask form -> (N, H, W) bool on the CPU, True = regenerate.
-
-    PIL and uint8 masks are white = regenerate (>= 128) unless they hold only 0 and 1; float masks are >= 0.5. A list
-    of masks stacks.
-    """
-    if isinstance(mask, (list, tuple)):
-        return _stacked(list(mask), _mask_tensor, name)
-    if isinstance(mask, (str, os.PathLike)):
-        mask = _open_image(mask, name)
-    if isinstance(mask, Image.Image):
-        mask = np.asarray(_mask_grey(mask))
-    if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(np.array(mask))
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a PIL image, a path, a numpy array or a tensor, got {type(mask).__name__}")
-    m = mask.detach().cpu()
-    if m.ndim == 4 and m.shape[1] == 1:
-        m = m[:, 0]
-    if m.ndim == 2:
-        m = m[None]
-    if m.ndim != 3:
-        raise ValueError(f"{name} must be (H, W) or (N, H, W), got shape {tuple(mask.shape)}")
-    if m.dtype == torch.bool:
-        return m
-    if m.is_floating_point():
-        if not bool(torch.isfinite(m).all()):
-            raise ValueError(f"{name} holds NaN or infinite values; give 0 / 1 (or 0..255) per pixel")
-        return m >= 0.5
-    if m.numel() and int(m.max()) <= 1:
-        return m > 0
-    return m >= 128
-
-
-def _mask_grey(mask: Image.Image) -> Image.Image:
-    """A mask image as 8-bit grey: transparent pixels count as black (keep), since a painted mask is often strokes on
-    a transparent layer; 16-bit masks are scaled like images."""
-    if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
-        rgba = mask.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, rgba).convert("L")
-    return to_rgb(mask).convert("L") if mask.mode.startswith(("I", "F")) else mask.convert("L")
-
-
-def _check_size(images: Tensor, stride: int, name: str) -> None:
-    height, width = images.shape[-2:]
-    if height == 0 or width == 0 or height % stride or width % stride:
-        raise ValueError(f"{name} is {width}x{height} pixels; width and height must be positive multiples of "
-                         f"{stride} (the pixels per token at this resolution)")
-
-
-def _check_pad(pad: Sequence[int], stride: int) -> tuple[int, int, int, int]:
-    if not isinstance(pad, (list, tuple)) or len(pad) != 4 \
-            or any(isinstance(p, bool) or not isinstance(p, numbers.Integral) for p in pad):
-        raise ValueError(f"pad must be four integers (left, top, right, bottom) in pixels, got {pad!r}")
-    pad = tuple(int(p) for p in pad)
-    if any(p < 0 for p in pad):
-        raise ValueError(f"pad must not be negative, got {pad}")
-    if any(p % stride for p in pad):
-        raise ValueError(f"pad {pad} must be multiples of {stride} pixels (one token at this resolution)")
-    return pad
-
-
 def _to_pil(pixels: Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) float in [-1, 1] -> PIL RGB images. Exact inverse of the uint8 -> float mapping of the inputs."""
+    """(B, 3, H, W) float in [-1, 1] -> PIL RGB images. Exact inverse of the uint8 -> float mapping of the inputs
+    (`muse.inputs.image_tensor`)."""
     array = pixels.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in array]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Files
-
-
-def _resolve_model(path: str | os.PathLike | None) -> Path:
-    """The pipeline directory that `path` names: an existing directory, a bundled preset name, or a Hugging Face hub
-    id ("org/name") of an aMUSEd pipeline, fetched into the hub cache."""
-    if path is None:
-        if DEFAULT_PRESET not in bundled_presets():
-            raise FileNotFoundError(
-                "the bundled default model is not installed in this version of musegen; pass the directory of a "
-                "saved pipeline instead: MusePipeline.from_pretrained('path/to/model') (--model PATH on the command "
-                "line)"
-            )
-        return bundled.ASSETS / DEFAULT_PRESET
-    directory = Path(path)
-    if directory.is_dir():
-        return directory
-    if isinstance(path, str) and path in bundled_presets():
-        return bundled.ASSETS / path
-    if isinstance(path, str) and _looks_like_hub_id(path):
-        return _hub_download(path)
-    presets = bundled_presets()
-    known = f"; bundled presets: {', '.join(presets)}" if presets else ""
-    raise FileNotFoundError(f"no pipeline directory or bundled preset named {os.fspath(path)!r}{known}")
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    """"org/name" with no path-like parts: what the hub calls a repository, and no directory here."""
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
-
-
-# What an aMUSEd download needs (the fp16 variants, the 512 px assets and the images of its model card are left out).
-HUB_FILES = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
-             "transformer/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors",
-             "text_encoder/model.safetensors"]
-
-
-def _hub_download(repo_id: str) -> Path:
-    """The local snapshot of a hub repository: the cache first (so an offline machine never waits on the network),
-    else a download. OSError, saying what to do, when neither works."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        pass
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        raise OSError(f"{repo_id!r} is neither a local directory nor in the Hugging Face cache, and downloading it "
-                      f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). With internet, run "
-                      f"it once to cache it (or `huggingface-cli download {repo_id}`); offline, copy a download and "
-                      "pass its directory") from None
-
-
-def _load_component(name: str, path: Path, load: Callable[[Path], object]):
-    """Load one component, re-raising its error with the component's name in front."""
-    where = path / (TEXT_ENCODER_FILE if name == "text_encoder" else name)
-    try:
-        return load(path if name == "text_encoder" else where)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"the pipeline's {name} at {where} is missing: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"the pipeline's {name} at {where} is unreadable: {e}") from None
-    except OSError as e:
-        raise OSError(f"the pipeline's {name} at {where} cannot be loaded: {e}") from None
-
-
-def _check_scorer(path: Path) -> None:
-    from muse.scorer import ScorerConfig
-
-    load_config(path, ScorerConfig)
-    read_weights(path)
-
-
-def _load_text_encoder(path: Path) -> TextEncoder:
-    file = path / TEXT_ENCODER_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    config = config_from_dict(TextEncoderConfig, data, where=str(file))
-    return TextEncoder(dataclasses.replace(config, name_or_path=_text_encoder_location(config.name_or_path, path,
-                                                                                       file)))
-
-
-def _text_encoder_location(name: str, pipeline: Path, file: Path) -> str:
-    """Where text_encoder.json's `name_or_path` points. A relative path is a directory inside the pipeline (a
-    copied local encoder), wherever the pipeline now is, and may not leave it: a pipeline someone sent must not read
-    files elsewhere on this machine. A text encoder elsewhere is named explicitly, by an absolute path (the opt-in)
-    or a hub name ("org/name"), or is the "minilm" alias."""
-    if name == MINILM_ALIAS or Path(name).is_absolute():
-        return name
-    local = pipeline / name
-    if not local.resolve().is_relative_to(pipeline.resolve()):
-        raise ValueError(f"{file}: name_or_path {name!r} leaves the pipeline directory; a text encoder outside it "
-                         "must be named by an absolute path or a hub name")
-    if local.is_dir():
-        return str(local)
-    if name.startswith("."):
-        raise FileNotFoundError(f"{file}: the text encoder directory {name!r} is not in the pipeline directory")
-    return name  # a hub name such as "google/t5-v1_1-xxl"
-
-
-def _write_json(file: Path, data: dict) -> None:
-    """Atomic: write `file.tmp`, fsync, rename."""
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)

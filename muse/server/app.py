@@ -43,7 +43,8 @@ def measure_preview_every(pipe) -> int:
             if not kept:
                 kept.append(event.preview().clone())
 
-    pipe.engine.run(pipe.generate_task("a preview", seed=0, num_candidates=1, stages=1), on_event=listen)
+    pipe.engine.run(pipe.task(pipe.request("generate", "a preview", seed=0, num_candidates=1, stages=1)),
+                    on_event=listen)
     step = (marks[-1] - marks[0]) / max(1, len(marks) - 1)
     start = time.perf_counter()
     encode_png(pipe.decode_preview(kept[0][:1], (pipe.transformer.config.grid_size,) * 2, 0)[0])

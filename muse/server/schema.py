@@ -9,16 +9,16 @@ import binascii
 import dataclasses
 import io
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from muse.options import Limits, SamplingOptions, option_names, option_types
+from muse.options import LimitExceeded, Limits, SamplingOptions, option_names, option_types
+from muse.requests import REQUESTS, Request, request_fields
 
 # Bounds of a body's JSON, checked while parsing: the longest integer (a seed needs at most 20 digits, and int() of a
 # 5000-digit one raises ValueError deep in the parser) and the deepest nesting (a valid body has 2 levels: a list of
 # seeds inside the object).
 MAX_DIGITS = 30
 MAX_DEPTH = 8
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what Pillow may decode of a posted image: never EPS (Ghostscript) & co.
 
 
 class RequestError(ValueError):
@@ -33,55 +33,34 @@ class RequestError(ValueError):
         self.headers = headers or {}
 
 
-# endpoint -> (pipeline task builder, its own arguments besides the shared ones, the options it does not take)
-TASKS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "/generate": ("generate_task", (), ()),
-    "/inpaint": ("inpaint_task", ("image", "mask"), ()),
-    "/outpaint": ("outpaint_task", ("image", "pad"), ()),
-    "/edit": ("edit_task", ("image", "strength", "iterations", "mode"), ()),
-    # The super-res stage alone: no base-stage steps, no choice of stages.
-    "/upscale": ("upscale_task", ("image",), ("num_steps", "stages")),
-}
-IMAGE_FIELDS = ("image", "mask")
-
-
-def _task_fields() -> dict[str, tuple[Any, Any]]:
-    """The task arguments' JSON types and defaults."""
-    from pydantic import Field
-
-    return {
-        "image": (str, Field(..., description="base64 PNG, JPEG or WebP")),
-        "mask": (str, Field(..., description="base64 PNG, JPEG or WebP; white = regenerate")),
-        "pad": (list[int], Field(..., min_length=4, max_length=4, description="[left, top, right, bottom] pixels")),
-        "strength": (float, ...),
-        "iterations": (int, 1),
-        "mode": (Literal["random", "confidence"], "random"),
-    }
+# endpoint -> the request class its body builds: its JSON fields, and the sampling options it takes, come from it.
+TASKS: dict[str, type[Request]] = {f"/{name}": cls for name, cls in REQUESTS.items()}
+IMAGE_FIELDS = ("image", "mask")  # base64 in the body, decoded by `muse.inputs` as a file would be
+# JSON spellings of request fields whose Python type is not one: a pad is a list, an image base64 text.
+_JSON_CONSTRAINTS: dict[str, dict[str, Any]] = {"pad": {"min_length": 4, "max_length": 4}}
 
 
 def request_model(endpoint: str):
-    """The pydantic model of an endpoint's JSON body: prompt, the shared call arguments, the task's own arguments,
-    every sampling option it takes (None = the model's default), and the stream controls. Unknown keys are errors,
-    and types are strict: `true` is no integer, `"4"` no number, `"yes"` no boolean."""
+    """The pydantic model of an endpoint's JSON body: the request's fields (`muse.requests.request_fields`: prompt,
+    the shared call arguments, the task's own), every sampling option it takes (None = the model's default), and the
+    stream controls. Unknown keys are errors, and types are strict: `true` is no integer, `"4"` no number, `"yes"` no
+    boolean."""
     from pydantic import ConfigDict, Field, create_model
 
-    _, own, excluded = TASKS[endpoint]
-    fields: dict[str, Any] = {
-        "prompt": (str | list[str], Field(..., description="one prompt, or a list")),
-        "num_images": (int, 1),
-        "seed": (Optional[int | list[int]], None),
-        "negative_prompt": (Optional[str | list[str]], None),
-    }
-    task_fields = _task_fields()
-    fields.update({name: task_fields[name] for name in own})
+    cls = TASKS[endpoint]
+    fields: dict[str, Any] = {}
+    for f in request_fields(cls):
+        kind = list[int] if f.name == "pad" else f.type
+        default = ... if f.default is dataclasses.MISSING else f.default
+        help = f.help + ("; base64 in JSON" if f.name in IMAGE_FIELDS else "")
+        fields[f.name] = (kind, Field(default, description=help, **_JSON_CONSTRAINTS.get(f.name, {})))
     types = option_types()
     for f in dataclasses.fields(SamplingOptions):
-        if f.name not in excluded:
+        if f.name not in cls.excluded_options:
             fields[f.name] = (Optional[types[f.name]], Field(None, description=f.metadata["help"]))
     fields["stream"] = (bool, Field(False, description="reply with server-sent events (queued, step, done, error)"))
     fields["preview_every"] = (Optional[int], Field(None, ge=1, description="steps between stream previews"))
-    name = "".join(part.capitalize() for part in endpoint.strip("/").split("_")) + "Request"
-    return create_model(name, __config__=ConfigDict(extra="forbid", strict=True), **fields)
+    return create_model(cls.__name__, __config__=ConfigDict(extra="forbid", strict=True), **fields)
 
 
 def _bounded_int(text: str) -> int:
@@ -134,32 +113,23 @@ def parse_body(raw: bytes, model) -> Any:
         raise RequestError("invalid request: " + "; ".join(problems[:5]) + hint) from None
 
 
-def decode_image(data: str, name: str, max_pixels: int):
-    """Base64 PNG, JPEG or WebP -> PIL image. Pillow is told to try those formats only (`IMAGE_FORMATS`), so no other
-    decoder (Ghostscript for EPS, ...) ever sees remote bytes, and an image over `max_pixels` is refused from its
-    header, before any pixel is decoded (a 10000 x 10000 PNG is a few kilobytes)."""
-    from PIL import Image, UnidentifiedImageError
-
+def decode_image(data: str, name: str, max_pixels: int) -> bytes:
+    """Base64 text -> the encoded image's bytes, checked as `muse.inputs` checks a file: only PNG, JPEG and WebP are
+    decoded (no other decoder, such as Ghostscript for EPS, ever sees remote bytes), and an image over `max_pixels`
+    is refused from its header, before any pixel is decoded (a 10000 x 10000 PNG is a few kilobytes)."""
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"'{name}' is not valid base64") from None
+    from muse import inputs  # here: `muse serve --help` imports no torch
+
     try:
-        try:
-            image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-        except Image.DecompressionBombError as e:  # PIL's own guard, far above ours, fires when the header is read
-            raise RequestError(f"'{name}' claims more pixels than PIL decodes ({e}), over the limit "
-                               f"max_pixels={max_pixels}", status=413, reason="too_large") from None
-        width, height = image.size
-        if width * height > max_pixels:
-            raise RequestError(f"'{name}' is {width}x{height} pixels, over the limit max_pixels={max_pixels}",
-                               status=413, reason="too_large")
-        image.load()
-    except RequestError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-        raise RequestError(f"'{name}' is not a readable PNG, JPEG or WebP image") from None
-    return image
+        inputs.image_size(raw, name, max_pixels)
+    except LimitExceeded as e:
+        raise RequestError(limit_message(e), status=413, reason="too_large") from None
+    except (ValueError, OSError) as e:
+        raise RequestError(str(e)) from None
+    return raw
 
 
 def encode_png(image) -> str:
@@ -170,27 +140,32 @@ def encode_png(image) -> str:
 
 def build_task(pipe, endpoint: str, body, limits: Limits):
     """The engine task of a validated request: the prompts' length checked first (before any image is decoded or
-    text tokenized), then every other input by the pipeline's task builder."""
-    builder, own, excluded = TASKS[endpoint]
+    text tokenized), then the images' headers, then every other input as the pipeline checks a request."""
+    cls = TASKS[endpoint]
     try:
         limits.check_prompts("prompt", body.prompt)
         limits.check_prompts("negative_prompt", body.negative_prompt)
-    except ValueError as e:
-        raise RequestError(str(e), status=413, reason="too_large") from None
-    arguments = {"num_images": body.num_images, "seed": body.seed, "negative_prompt": body.negative_prompt}
-    for name in own:
-        value = getattr(body, name)
-        if name in IMAGE_FIELDS:
-            value = decode_image(value, name, limits.max_pixels)
-        elif name == "pad":
-            value = tuple(value)
-        arguments[name] = value
+    except LimitExceeded as e:
+        raise RequestError(limit_message(e), status=413, reason="too_large") from None
+    arguments = {f.name: getattr(body, f.name) for f in request_fields(cls) if f.name != "prompt"}
+    for name in IMAGE_FIELDS:
+        if name in arguments:
+            arguments[name] = decode_image(arguments[name], name, limits.max_pixels)
+    if "pad" in arguments:
+        arguments["pad"] = tuple(arguments["pad"])
     overrides = {name: getattr(body, name) for name in option_names()
-                 if name not in excluded and name in body.model_fields_set}
+                 if name not in cls.excluded_options and name in body.model_fields_set}
     try:
-        return getattr(pipe, builder)(body.prompt, **arguments, **overrides)
+        return pipe.task(pipe.request(cls.task, body.prompt, **arguments, **overrides))
+    except LimitExceeded as e:
+        raise RequestError(limit_message(e)) from None
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise RequestError(str(e)) from None
+
+
+def limit_message(error: LimitExceeded) -> str:
+    """A limit named as the server's operator sets it: its `muse serve` flag."""
+    return error.message(f"muse serve --{error.limit.replace('_', '-')}")
 
 
 def reply_of(output) -> dict:

@@ -81,8 +81,9 @@ def test_every_task_runs_on_the_amused_layout(amused):
 
 
 def test_the_engine_batches_amused_jobs_exactly(amused):
-    tasks = lambda: [amused.generate_task("a red apple", seed=5, num_steps=4),
-                     amused.generate_task(["a dog", "a cat"], seed=6, num_steps=6, guidance_scale=3.0)]
+    tasks = lambda: [amused.task(amused.request("generate", "a red apple", seed=5, num_steps=4)),
+                     amused.task(amused.request("generate", ["a dog", "a cat"], seed=6, num_steps=6,
+                                                guidance_scale=3.0))]
     alone = [amused.engine.run(task) for task in tasks()]
     engine = Engine()
     handles = [engine.submit(task) for task in tasks()]

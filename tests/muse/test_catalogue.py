@@ -3,10 +3,15 @@ unbounded run or lost data, each asserting the error type and a fragment of its 
 pipeline directories and the command line (training configs and data folders: test_catalogue_training.py). A row
 that makes files first checks that what was there is intact afterwards. docs/bad-inputs.md is the table of it."""
 
+import io
 import json
+import re
 import os
 import shutil
+import struct
+import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -18,6 +23,25 @@ from muse.pipeline import MusePipeline
 
 IMAGE = np.zeros((16, 16, 3), np.uint8)
 MASK = np.ones((16, 16), bool)
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with one byte of image data: PIL reads its size without
+    decoding anything (a real 20000 x 20000 PNG of one colour is a few hundred kilobytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"\0") + chunk(b"IEND", b"")
+
+
+GIF = encoded(Image.new("RGB", (16, 16), "red"), "GIF")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -109,9 +133,19 @@ API = {
                      "iterations must be >= 1"),
     "edit mode": (lambda p: p.edit("a", image=IMAGE, strength=0.5, mode="best"), ValueError, "mode must be one of"),
     "upscale without super-res": (lambda p: p.upscale("a", image=IMAGE), ValueError, "no super-resolution stage"),
+    # encoded bytes: only the formats we document are decoded, and the size is read from the header first
+    "GIF bytes": (lambda p: p.edit("a", image=GIF, strength=0.5), ValueError,
+                  "the image bytes is in GIF format; musegen decodes PNG, JPEG and WebP only"),
+    "12000 px PNG bytes": (lambda p: p.edit("a", image=png_header(12000, 12000), strength=0.5), ValueError,
+                           "12000x12000 pixels; .* over the limit max_pixels"),
+    "40000 px PNG bytes": (lambda p: p.edit("a", image=png_header(40000, 40000), strength=0.5), ValueError,
+                           "claims more pixels than PIL decodes safely.*over the limit max_pixels"),
+    "garbage bytes": (lambda p: p.inpaint("a", image=IMAGE, mask=b"not an image"), ValueError,
+                      "mask: the image bytes is not an image file"),
 }
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's warning, before our refusal
 @pytest.mark.parametrize("name", list(API))
 def test_the_api_refuses_bad_input_before_any_work(tiny_pipe, monkeypatch, name):
     call, error, message = API[name]
@@ -128,7 +162,29 @@ def files(tmp_path):
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "notes.png").write_text("hello")
     (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.png")  # nobody writes to it: reading it would block forever
+    (tmp_path / "anim.gif").write_bytes(GIF)
+    (tmp_path / "page.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n")  # PIL would run gs
+    (tmp_path / "huge.png").write_bytes(png_header(12000, 12000))
     return tmp_path
+
+
+def finishes(call, seconds: float = 10.0):
+    """Run `call` in a thread and fail if it has not returned or raised within `seconds` (instead of hanging the
+    test run); returns what it raised, or None."""
+    outcome = {}
+
+    def target():
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return outcome.get("error")
 
 
 @pytest.mark.parametrize("file, error, message", [
@@ -136,24 +192,39 @@ def files(tmp_path):
     ("notes.png", ValueError, "notes.png is not an image file"),
     ("folder.png", ValueError, "folder.png is a directory, not an image file"),
     ("absent.png", FileNotFoundError, "absent.png does not exist"),
+    ("pipe.png", ValueError, "pipe.png is a FIFO, not a regular file"),
+    ("anim.gif", ValueError, "anim.gif is in GIF format; musegen decodes PNG, JPEG and WebP only"),
+    ("page.eps", ValueError, "page.eps is in EPS format"),
+    ("huge.png", ValueError, r"huge.png is 12000x12000 pixels; .* over the limit max_pixels=1048576"),
 ])
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_image_files_are_named_when_unreadable(tiny_pipe, files, file, error, message):
-    with pytest.raises(error, match=message):
-        tiny_pipe.edit("a", image=files / file, strength=0.5)
-    with pytest.raises(error, match=message):
-        tiny_pipe.inpaint("a", image=files / "ok.png", mask=files / file)
+    """Quickly: a FIFO is not read (it would block), a huge image is refused from its header (decoding it would take
+    seconds and gigabytes), an EPS is not handed to Ghostscript."""
+    for call in (lambda: tiny_pipe.edit("a", image=files / file, strength=0.5),
+                 lambda: tiny_pipe.inpaint("a", image=files / "ok.png", mask=files / file)):
+        start = time.perf_counter()
+        raised = finishes(call)
+        assert isinstance(raised, error) and re.search(message, str(raised)), raised
+        assert time.perf_counter() - start < 5
+
+
+def test_images_as_encoded_bytes_are_the_images_they_encode(tiny_pipe, files):
+    from_file = tiny_pipe.edit("a red apple", image=files / "ok.png", strength=0.5, seed=1)
+    from_bytes = tiny_pipe.edit("a red apple", image=(files / "ok.png").read_bytes(), strength=0.5, seed=1)
+    assert torch.equal(from_file.tokens, from_bytes.tokens)
 
 
 def test_images_are_read_as_training_reads_them(tiny_pipe, tmp_path):
     """Once silently wrong: a 16-bit greyscale PNG became pure white, a transparent background black."""
-    from muse.pipeline import _image_tensor
+    from muse.inputs import image_tensor
 
     grey = np.full((16, 16), 20000, np.uint16)  # a mid grey in 16 bits
     Image.fromarray(grey).save(tmp_path / "grey16.png")
-    pixels = (_image_tensor(tmp_path / "grey16.png", "image") + 1) * 127.5
+    pixels = (image_tensor(tmp_path / "grey16.png", "image") + 1) * 127.5
     assert abs(float(pixels.mean()) - 20000 / 65535 * 255) < 1
     transparent = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
-    assert float(_image_tensor(transparent, "image").min()) == 1.0  # white, as training composites it
+    assert float(image_tensor(transparent, "image").min()) == 1.0  # white, as training composites it
 
 
 def test_a_long_prompt_warns_how_much_is_dropped(tiny_pipe):
@@ -250,6 +321,12 @@ CLI = {
     "--image a folder": (["edit", "a", "--image", "folder", "--strength", "0.5"], "is a directory, not an image"),
     "--image missing": (["edit", "a", "--image", "absent.png", "--strength", "0.5"], "absent.png does not exist"),
     "--mask missing": (["inpaint", "a", "--image", "img.png", "--mask", "absent.png"], "absent.png does not exist"),
+    "--image a FIFO": (["edit", "a", "--image", "fifo", "--strength", "0.5"], "fifo is a FIFO, not a regular file"),
+    "--image a GIF": (["edit", "a", "--image", "anim.gif", "--strength", "0.5"], "anim.gif is in GIF format"),
+    "--mask a GIF": (["inpaint", "a", "--image", "img.png", "--mask", "anim.gif"], "--mask: anim.gif is in GIF"),
+    "--prompts a FIFO": (["generate", "--prompts", "fifo"], "cannot read --prompts fifo: it is a FIFO"),
+    "--prompts /dev/zero": (["generate", "--prompts", "/dev/zero"], "it is a device, not a regular file"),
+    "--prompts a folder": (["generate", "--prompts", "folder"], "it is a directory, not a text file"),
     "--pad -8,0,0,0": (["outpaint", "a", "--image", "img.png", "--pad", "-8,0,0,0"], "pad must not be negative"),
     "--pad a word": (["outpaint", "a", "--image", "img.png", "--pad", "wide"], "--pad must be four integers"),
     "serve --port 99999": (["serve", "--port", "99999"], "--port must be in 0..65535"),
@@ -267,11 +344,12 @@ def test_command_line_mistakes_are_one_line_errors_before_loading(tmp_path, monk
     (tmp_path / "folder").mkdir()
     Image.new("RGB", (16, 16)).save(tmp_path / "img.png")
     Image.new("RGB", (16, 16)).save(tmp_path / "taken.png")
-    import muse.pipeline as pipeline_module
-
-    if name != "unknown model":  # every other mistake is caught before any model is loaded
-        monkeypatch.setattr(pipeline_module.MusePipeline, "from_pretrained",
-                            classmethod(lambda cls, path=None: pytest.fail("the model was loaded")))
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "anim.gif").write_bytes(GIF)
+    if name != "unknown model":
+        # Every other mistake is caught before any model is loaded: were the model loaded first, this one's absence
+        # would be the error.
+        argv = [*argv, "--model", "nowhere-model"]
     with pytest.raises(SystemExit) as exit_info:
         run(*argv)
     # argparse's own errors exit with 2 and print "usage: ...", then "muse X: error: <message>", on stderr

@@ -4,6 +4,7 @@ tokens are bit-identical to its solo run; cancellation frees rows; step events; 
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -28,18 +29,35 @@ def hole() -> np.ndarray:
     return mask
 
 
+def generate_task(pipe, prompt, **arguments):
+    """`pipe(prompt, **arguments)` as an engine task, not run: what these tests submit to engines of their own."""
+    return pipe.task(pipe.request("generate", prompt, **arguments))
+
+
+def inpaint_task(pipe, prompt, **arguments):
+    return pipe.task(pipe.request("inpaint", prompt, **arguments))
+
+
+def outpaint_task(pipe, prompt, **arguments):
+    return pipe.task(pipe.request("outpaint", prompt, **arguments))
+
+
+def edit_task(pipe, prompt, **arguments):
+    return pipe.task(pipe.request("edit", prompt, **arguments))
+
+
 def requests(pipe, picture):
     """Builders of a mix of tasks: different prompts, step counts, guidance scales and schedules, a negative prompt,
     top-k and temperature, best-of-N, no guidance, and an inpainting edit."""
     return {
-        "apple": lambda: pipe.generate_task(["a red apple", "a dog"], seed=1, num_steps=4),
-        "long": lambda: pipe.generate_task("blue sky", seed=7, num_steps=7, guidance_scale=2.0,
-                                           guidance_schedule="linear"),
-        "negative": lambda: pipe.generate_task("a house", seed=2, num_images=2, negative_prompt="blurry",
-                                               temperature=0.8, top_k=6),
-        "unguided": lambda: pipe.generate_task("a car", seed=4, guidance_scale=1.0, num_steps=3),
-        "best": lambda: pipe.generate_task("a cat", seed=5, num_candidates=3),
-        "inpaint": lambda: pipe.inpaint_task("a green tree", image=picture, mask=hole(), seed=9, num_steps=5),
+        "apple": lambda: generate_task(pipe, ["a red apple", "a dog"], seed=1, num_steps=4),
+        "long": lambda: generate_task(pipe, "blue sky", seed=7, num_steps=7, guidance_scale=2.0,
+                                            guidance_schedule="linear"),
+        "negative": lambda: generate_task(pipe, "a house", seed=2, num_images=2, negative_prompt="blurry",
+                                                temperature=0.8, top_k=6),
+        "unguided": lambda: generate_task(pipe, "a car", seed=4, guidance_scale=1.0, num_steps=3),
+        "best": lambda: generate_task(pipe, "a cat", seed=5, num_candidates=3),
+        "inpaint": lambda: inpaint_task(pipe, "a green tree", image=picture, mask=hole(), seed=9, num_steps=5),
     }
 
 
@@ -52,7 +70,7 @@ def test_every_task_gives_its_solo_tokens_in_a_mix_that_changes_every_tick(tiny_
     alone = {name: run_alone(tiny_pipe, build) for name, build in builders.items()}
     engine = Engine()
     handles = {name: engine.submit(builders[name]()) for name in ("apple", "long", "negative", "unguided", "best")}
-    cancelled = engine.submit(tiny_pipe.generate_task("a sunny sky", seed=11, num_steps=6))
+    cancelled = engine.submit(generate_task(tiny_pipe, "a sunny sky", seed=11, num_steps=6))
     for _ in range(3):
         engine.tick()
     handles["inpaint"] = engine.submit(builders["inpaint"]())  # arrives at tick 3
@@ -72,15 +90,15 @@ def test_every_task_gives_its_solo_tokens_in_a_mix_that_changes_every_tick(tiny_
 
 
 def test_the_cascade_and_outpainting_windows_join_the_mix_exactly(tiny_cascade, tiny_pipe, picture):
-    wide = tiny_cascade.outpaint_task("a sunny sky", image=picture.resize((32, 32)), pad=(0, 0, 32, 0), seed=3)
-    cascade = tiny_cascade.generate_task(["a dog", "a cat"], seed=6)
-    edit = tiny_cascade.edit_task("a golden apple", image=picture.resize((32, 32)), strength=0.5, seed=2,
-                                  mode="confidence")
+    wide = outpaint_task(tiny_cascade, "a sunny sky", image=picture.resize((32, 32)), pad=(0, 0, 32, 0), seed=3)
+    cascade = generate_task(tiny_cascade, ["a dog", "a cat"], seed=6)
+    edit = edit_task(tiny_cascade, "a golden apple", image=picture.resize((32, 32)), strength=0.5, seed=2,
+                                   mode="confidence")
     alone = [tiny_cascade.engine.run(t) for t in (
-        tiny_cascade.outpaint_task("a sunny sky", image=picture.resize((32, 32)), pad=(0, 0, 32, 0), seed=3),
-        tiny_cascade.generate_task(["a dog", "a cat"], seed=6),
-        tiny_cascade.edit_task("a golden apple", image=picture.resize((32, 32)), strength=0.5, seed=2,
-                               mode="confidence"))]
+        outpaint_task(tiny_cascade, "a sunny sky", image=picture.resize((32, 32)), pad=(0, 0, 32, 0), seed=3),
+        generate_task(tiny_cascade, ["a dog", "a cat"], seed=6),
+        edit_task(tiny_cascade, "a golden apple", image=picture.resize((32, 32)), strength=0.5, seed=2,
+                                mode="confidence"))]
     engine = Engine()
     handles = [engine.submit(wide), engine.submit(cascade)]
     engine.tick()
@@ -94,8 +112,8 @@ def test_the_cascade_and_outpainting_windows_join_the_mix_exactly(tiny_cascade, 
 
 def test_a_cancelled_job_frees_its_rows_at_the_next_tick_and_leaves_the_others_alone(tiny_pipe):
     engine = Engine()
-    keep = engine.submit(tiny_pipe.generate_task("a dog", seed=1, num_steps=6))
-    drop = engine.submit(tiny_pipe.generate_task(["a cat"] * 3, seed=2, num_steps=6))
+    keep = engine.submit(generate_task(tiny_pipe, "a dog", seed=1, num_steps=6))
+    drop = engine.submit(generate_task(tiny_pipe, ["a cat"] * 3, seed=2, num_steps=6))
     engine.tick()
     assert engine.rows_in_flight == 8  # (1 + 3) grids, each guided
     drop.cancel()
@@ -112,7 +130,7 @@ def test_a_cancelled_job_frees_its_rows_at_the_next_tick_and_leaves_the_others_a
 
 def test_a_task_cancelled_before_it_starts_never_runs(tiny_pipe):
     engine = Engine()
-    handle = engine.submit(tiny_pipe.generate_task("a dog", seed=1))
+    handle = engine.submit(generate_task(tiny_pipe, "a dog", seed=1))
     handle.cancel()
     assert not engine.tick() and handle.done()
     with pytest.raises(Cancelled):
@@ -128,7 +146,7 @@ def test_step_events_report_progress_and_previews(tiny_pipe):
         if isinstance(event, Step):
             previews.append(event.preview().clone())
 
-    out = tiny_pipe.engine.run(tiny_pipe.generate_task("a red apple", seed=4, num_steps=4), on_event=listen)
+    out = tiny_pipe.engine.run(generate_task(tiny_pipe, "a red apple", seed=4, num_steps=4), on_event=listen)
     assert isinstance(events[0], Queued) and isinstance(events[-1], Finished) and events[-1].result is out
     steps = [e for e in events if isinstance(e, Step)]
     assert [s.index for s in steps] == [1, 2, 3, 4] and all(s.num_steps == 4 and s.grid == (4, 4) for s in steps)
@@ -142,9 +160,9 @@ def test_step_events_report_progress_and_previews(tiny_pipe):
 
 def test_max_rows_queues_jobs_until_rows_free_up(tiny_pipe):
     engine = Engine(max_rows=4)
-    first = engine.submit(tiny_pipe.generate_task(["a dog", "a cat"], seed=1, num_steps=3))
+    first = engine.submit(generate_task(tiny_pipe, ["a dog", "a cat"], seed=1, num_steps=3))
     positions = []
-    second = engine.submit(tiny_pipe.generate_task("a car", seed=2, num_steps=3),
+    second = engine.submit(generate_task(tiny_pipe, "a car", seed=2, num_steps=3),
                            on_event=lambda e: positions.append(e.position) if isinstance(e, Queued) else None)
     engine.tick()
     assert engine.rows_in_flight == 4 and engine.queued == 1 and positions[-1] == 0
@@ -157,18 +175,18 @@ def test_max_rows_queues_jobs_until_rows_free_up(tiny_pipe):
 
 def test_a_full_queue_refuses_new_tasks(tiny_pipe):
     engine = Engine(max_queued=1)
-    engine.submit(tiny_pipe.generate_task("a dog", seed=1))
+    engine.submit(generate_task(tiny_pipe, "a dog", seed=1))
     with pytest.raises(EngineFull, match="queue is full"):
-        engine.submit(tiny_pipe.generate_task("a cat", seed=1))
+        engine.submit(generate_task(tiny_pipe, "a cat", seed=1))
     # Started tasks whose jobs wait for rows count as waiting too.
     engine = Engine(max_rows=2, max_queued=1)
-    running = engine.submit(tiny_pipe.generate_task("a dog", seed=1, num_steps=8))
+    running = engine.submit(generate_task(tiny_pipe, "a dog", seed=1, num_steps=8))
     engine.tick()
-    waiting = engine.submit(tiny_pipe.generate_task("a cat", seed=2, num_steps=8))
+    waiting = engine.submit(generate_task(tiny_pipe, "a cat", seed=2, num_steps=8))
     engine.tick()  # started, but its job waits for the first one's rows
     assert engine.rows_in_flight == 2 and engine.queued == 1
     with pytest.raises(EngineFull, match="1 tasks waiting, max_queued=1"):
-        engine.submit(tiny_pipe.generate_task("a car", seed=3))
+        engine.submit(generate_task(tiny_pipe, "a car", seed=3))
     while not (running.done() and waiting.done()):
         engine.tick()
 
@@ -180,7 +198,7 @@ def test_a_task_error_fails_that_task_only(tiny_pipe):
 
     engine = Engine()
     bad = engine.submit(Task(broken()))
-    good = engine.submit(tiny_pipe.generate_task("a dog", seed=1, num_steps=2))
+    good = engine.submit(generate_task(tiny_pipe, "a dog", seed=1, num_steps=2))
     while not good.done():
         engine.tick()
     with pytest.raises(RuntimeError, match="boom"):
@@ -223,7 +241,7 @@ def test_a_background_thread_serves_many_callers(tiny_pipe):
         results = {}
 
         def call(i):
-            results[i] = engine.run(tiny_pipe.generate_task(f"a dog {i}", seed=i, num_steps=3))
+            results[i] = engine.run(generate_task(tiny_pipe, f"a dog {i}", seed=i, num_steps=3))
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
         for t in threads:
@@ -242,7 +260,10 @@ def test_drive_serves_other_threads_on_the_calling_one_until_stopped(tiny_pipe):
     driver, results = [], {}
 
     def client():
-        results["out"] = engine.run(tiny_pipe.generate_task("a dog", seed=1, num_steps=3))
+        task = generate_task(tiny_pipe, "a dog", seed=1, num_steps=3)
+        while not engine.driven:  # as a server's clients do: a run() before drive() would tick on this thread
+            time.sleep(0.001)
+        results["out"] = engine.run(task)
         engine.start()  # a thread drives already: nothing to start
         engine.stop()   # ends drive() after its tick
 
@@ -263,7 +284,7 @@ def test_drive_serves_other_threads_on_the_calling_one_until_stopped(tiny_pipe):
     outputs = {}
 
     def caller(i):
-        outputs[i] = engine.run(tiny_pipe.generate_task(f"a cat {i}", seed=i, num_steps=4))
+        outputs[i] = engine.run(generate_task(tiny_pipe, f"a cat {i}", seed=i, num_steps=4))
 
     callers = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
     for t in callers:
@@ -281,14 +302,14 @@ def test_drive_serves_other_threads_on_the_calling_one_until_stopped(tiny_pipe):
 
 def test_all_masked_rows_with_the_same_prompt_share_their_first_step(tiny_pipe):
     engine = Engine()
-    shared = engine.run(tiny_pipe.generate_task(["a dog", "a dog", "a cat", "a dog"], seed=0, num_steps=3))
+    shared = engine.run(generate_task(tiny_pipe, ["a dog", "a dog", "a cat", "a dog"], seed=0, num_steps=3))
     # 8 rows at each of 3 steps (4 grids under both branches); at the first, dog, cat and the empty prompt once each.
     assert engine.stats.rows_shared == 8 - 3 and engine.stats.rows_forwarded == 3 * 8 - engine.stats.rows_shared
     for row, prompt in enumerate(["a dog", "a dog", "a cat", "a dog"]):  # exactly what each computes alone
         assert torch.equal(shared.tokens[row], tiny_pipe(prompt, seed=row, num_steps=3).tokens[0])
     engine = Engine()  # across tasks too: two requests for the same prompt
-    a, b = engine.submit(tiny_pipe.generate_task("a dog", seed=0, num_steps=2)), \
-        engine.submit(tiny_pipe.generate_task("a dog", seed=1, num_steps=2))
+    a, b = engine.submit(generate_task(tiny_pipe, "a dog", seed=0, num_steps=2)), \
+        engine.submit(generate_task(tiny_pipe, "a dog", seed=1, num_steps=2))
     while not (a.done() and b.done()):
         engine.tick()
     assert engine.stats.rows_shared == 4 - 2
@@ -314,8 +335,8 @@ def test_rows_with_nothing_left_to_commit_leave_the_forward(tiny_pipe, picture):
 def test_cpu_forwards_run_in_chunks_of_rows_with_the_same_result(tiny_pipe):
     prompts, seeds = ["a dog", "a cat", "a red apple"], [1, 2, 3]
     whole, chunked = Engine(), Engine(chunk_tokens=32)  # 2 rows of 16 tokens per model call
-    a = whole.run(tiny_pipe.generate_task(prompts, seed=seeds, num_steps=3))
-    b = chunked.run(tiny_pipe.generate_task(prompts, seed=seeds, num_steps=3))
+    a = whole.run(generate_task(tiny_pipe, prompts, seed=seeds, num_steps=3))
+    b = chunked.run(generate_task(tiny_pipe, prompts, seed=seeds, num_steps=3))
     assert torch.equal(a.tokens, b.tokens)
     assert whole.stats.model_calls == whole.stats.ticks == 3
     assert chunked.stats.ticks == 3 and chunked.stats.model_calls == 2 + 3 + 3  # 4 distinct rows first, then 6
@@ -422,7 +443,7 @@ def test_a_job_checks_its_rows():
 
 
 def test_an_image_result_is_the_same_through_the_sync_api(tiny_pipe, picture):
-    handle = tiny_pipe.submit(tiny_pipe.inpaint_task("a cat", image=picture, mask=hole(), seed=3))
+    handle = tiny_pipe.submit(tiny_pipe.request("inpaint", "a cat", image=picture, mask=hole(), seed=3))
     while not handle.done():
         tiny_pipe.engine.tick()
     direct = tiny_pipe.inpaint("a cat", image=picture, mask=hole(), seed=3)
