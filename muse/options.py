@@ -174,6 +174,18 @@ def _limit(default: int, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+class LimitExceeded(ValueError):
+    """A call asks for more than one of its `Limits` allows. `limit` names the field; a server reports it as its own
+    flag (`message(set_by="muse serve --max-images")`) rather than as the pipeline config's."""
+
+    def __init__(self, what: str, value: int, limit: str, bound: int) -> None:
+        self.what, self.value, self.limit, self.bound = what, value, limit, bound
+        super().__init__(self.message(f"PipelineConfig.limits.{limit}"))
+
+    def message(self, set_by: str) -> str:
+        return f"{self.what}={self.value} is over the limit {self.limit}={self.bound} ({set_by})"
+
+
 @dataclass(frozen=True)
 class Limits:
     """The most one call may ask for, checked before any work starts; `PipelineConfig.limits` holds a pipeline's,
@@ -220,10 +232,10 @@ class Limits:
                 self.check_value(f"{which}'s characters", len(prompt), "max_prompt_chars")
 
     def check_value(self, what: str, value: int, limit: str) -> None:
-        """Raise ValueError if `value` (named `what`) is over the limit called `limit`."""
+        """Raise `LimitExceeded` (a ValueError) if `value` (named `what`) is over the limit called `limit`."""
         bound = getattr(self, limit)
         if value > bound:
-            raise ValueError(f"{what}={value} is over the limit {limit}={bound} (PipelineConfig.limits.{limit})")
+            raise LimitExceeded(what, value, limit, bound)
 
 
 def option_names() -> list[str]:

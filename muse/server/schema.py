@@ -11,7 +11,7 @@ import io
 import json
 from typing import Any, Literal, Optional
 
-from muse.options import Limits, SamplingOptions, option_names, option_types
+from muse.options import LimitExceeded, Limits, SamplingOptions, option_names, option_types
 
 # Bounds of a body's JSON, checked while parsing: the longest integer (a seed needs at most 20 digits, and int() of a
 # 5000-digit one raises ValueError deep in the parser) and the deepest nesting (a valid body has 2 levels: a list of
@@ -175,8 +175,8 @@ def build_task(pipe, endpoint: str, body, limits: Limits):
     try:
         limits.check_prompts("prompt", body.prompt)
         limits.check_prompts("negative_prompt", body.negative_prompt)
-    except ValueError as e:
-        raise RequestError(str(e), status=413, reason="too_large") from None
+    except LimitExceeded as e:
+        raise RequestError(limit_message(e), status=413, reason="too_large") from None
     arguments = {"num_images": body.num_images, "seed": body.seed, "negative_prompt": body.negative_prompt}
     for name in own:
         value = getattr(body, name)
@@ -189,8 +189,15 @@ def build_task(pipe, endpoint: str, body, limits: Limits):
                  if name not in excluded and name in body.model_fields_set}
     try:
         return getattr(pipe, builder)(body.prompt, **arguments, **overrides)
+    except LimitExceeded as e:
+        raise RequestError(limit_message(e)) from None
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise RequestError(str(e)) from None
+
+
+def limit_message(error: LimitExceeded) -> str:
+    """A limit named as the server's operator sets it: its `muse serve` flag."""
+    return error.message(f"muse serve --{error.limit.replace('_', '-')}")
 
 
 def reply_of(output) -> dict:
