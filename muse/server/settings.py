@@ -11,7 +11,8 @@ from typing import Any
 from muse.options import Limits
 
 # Stricter than the library's `Limits`: a server answers strangers, so one request may take less of the machine.
-SERVER_LIMITS = Limits(max_steps=100, max_images=16, max_candidates=8, max_pixels=512 * 512, max_pad=256,
+# max_images counts candidates: 64 lets a request ask for 8 images at the most candidates a server allows.
+SERVER_LIMITS = Limits(max_steps=100, max_images=64, max_candidates=8, max_pixels=512 * 512, max_pad=256,
                        max_iterations=8, max_prompt_chars=2000)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # always allowed in the Host header
 

@@ -62,6 +62,7 @@ function applyConfig(config) {
   const { defaults, limits, stride, resolution } = config;
   setNumber("steps", defaults.num_steps, { max: limits.max_steps });
   setNumber("guidance", defaults.guidance_scale);
+  setNumber("candidates", Math.min(defaults.num_candidates, limits.max_candidates), { max: limits.max_candidates });
   for (const side of ["left", "top", "right", "bottom"]) {
     setNumber(`pad-${side}`, 0, { step: stride, max: limits.max_pad });
   }
@@ -177,10 +178,11 @@ function sharedFields(endpoint, seed) {
     prompt: $("prompt").value,
     seed,
     num_images: 1,
-    // Interactive: one sample per request, whatever the model's generation default (the bundled one is best-of-8).
-    num_candidates: 1,
     guidance_scale: numberOr($("guidance"), state.config.defaults.guidance_scale),
   };
+  // Best-of-N as the command line does it: generation takes the field (the model's default to start with); the
+  // editing tasks make one candidate, as `muse inpaint` and the others do unless asked.
+  if (endpoint === "/generate") fields.num_candidates = numberOr($("candidates"), state.config.defaults.num_candidates);
   // /upscale runs the super-res stage alone and refuses `num_steps` (its steps are `superres_steps`).
   if (endpoint !== "/upscale") fields.num_steps = numberOr($("steps"), state.config.defaults.num_steps);
   const negative = $("negative").value.trim();

@@ -110,9 +110,9 @@ def test_parsed_flags_hold_exactly_what_the_user_set():
 def test_the_server_schema_lists_every_option():
     from muse.server import TASKS, request_model
 
-    for endpoint, (_, _, excluded) in TASKS.items():
+    for endpoint, request in TASKS.items():
         fields = set(request_model(endpoint).model_fields)
-        assert set(option_names()) & fields == set(option_names()) - set(excluded), endpoint
+        assert set(option_names()) & fields == set(option_names()) - set(request.excluded_options), endpoint
 
 
 def test_the_manifest_records_every_option_resolved(tiny_pipeline_dir, tmp_path):

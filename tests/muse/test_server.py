@@ -102,7 +102,7 @@ def test_the_request_schema_is_the_requests_fields_plus_the_options_it_takes():
     ({"prompt": "x", "bogus": 1}, "bogus: unknown option"),
     ({"num_steps": 3}, "prompt: Field required"),
     ({"prompt": "x", "num_steps": 10**9}, "num_steps=1000000000 is over the limit max_steps=100"),
-    ({"prompt": "x", "num_images": 100}, "over the limit max_images=16"),
+    ({"prompt": "x", "num_images": 100}, "over the limit max_images=64 (muse serve --max-images)"),
     ({"prompt": "x", "num_candidates": 9}, "num_candidates=9 is over the limit max_candidates=8"),
     ({"prompt": "x", "temperature": 1e-300}, "temperature must be a positive finite number"),
     ({"prompt": "x", "guidance_schedule": "zigzag"}, "guidance_schedule"),
@@ -375,7 +375,7 @@ def test_settings_compose_the_pipeline_limits_and_derive_every_flag():
     from muse.server.settings import settings_from_arguments
 
     settings = ServerSettings()
-    assert isinstance(settings.limits, Limits) and settings.limits.max_images == 16
+    assert isinstance(settings.limits, Limits) and settings.limits.max_images == 64
     assert settings.replace(max_steps=7, max_rows=3).limits.max_steps == 7
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -384,7 +384,7 @@ def test_settings_compose_the_pipeline_limits_and_derive_every_flag():
     args = parser.parse_args(["--max-prompt-chars", "10", "--max-rows", "4", "--allowed-hosts", "a.example,b"])
     derived = settings_from_arguments(args)
     assert derived.limits.max_prompt_chars == 10 and derived.max_rows == 4
-    assert derived.allowed_hosts == ("a.example", "b") and derived.limits.max_images == 16
+    assert derived.allowed_hosts == ("a.example", "b") and derived.limits.max_images == 64
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -683,3 +683,19 @@ def test_300_held_connections_neither_starve_health_nor_flood_the_log(served):
     time.sleep(0.5)
     logged = log_path.read_bytes()[log_before:].decode(errors="replace")
     assert "Traceback" not in logged and len(logged.splitlines()) < 50, logged[-2000:]
+
+
+def test_the_default_limits_accept_an_ordinary_request_at_a_best_of_8_models_defaults(tiny_pipe):
+    # The bundled model generates 8 candidates per image by default; three images of it were once refused by the
+    # server's own defaults, with a message naming a config field instead of the flag.
+    import copy
+
+    pipe = copy.copy(tiny_pipe)
+    pipe.config = pipe.config.with_sampling(num_candidates=8)
+    settings = ServerSettings(body_timeout=1.0, keep_alive=1)
+    with ServerThread(create_app(pipe, settings), settings) as url:
+        status, out, _ = call(url, "POST", "/generate", {"prompt": "red apple", "seed": 0, "num_images": 3,
+                                                         "num_steps": 2})
+        assert status == 200 and len(out["images"]) == 3, out
+        status, out, _ = call(url, "POST", "/generate", {"prompt": "red apple", "num_images": 9})
+        assert status == 400 and "(muse serve --max-images)" in out["error"] and "PipelineConfig" not in out["error"]
