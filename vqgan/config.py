@@ -88,6 +88,11 @@ class VQGANLossConfig:
     """
 
     l1_weight: float = 1.0
+    # L1 at pixels within `border_width` of the image's edge weighs (1 + border_weight) times. Why: a corner pixel
+    # carries 1/4096 of a 64 px image's L1, so a decoder can leave a constant tint there (zero padding makes the
+    # corners easy to tell apart) at no visible cost to the loss -- the emoji decoder drew a green top-left pixel.
+    border_weight: float = 0.0
+    border_width: int = 2
     perceptual_weight: float = 1.0
     perceptual: str = "auto"                # auto: LPIPS if its backbone loads offline, else EfficientNet-Lite0
     lpips_net: str = "vgg"                  # LPIPS backbone: vgg | alex | squeeze
@@ -99,7 +104,9 @@ class VQGANLossConfig:
     adaptive_weight_max: float = 1e4        # clamp of the adaptive weight (Taming)
 
     def __post_init__(self) -> None:
-        for name in ("l1_weight", "perceptual_weight", "adversarial_weight"):
+        if self.border_width < 1:
+            raise ValueError(f"border_width must be >= 1, got {self.border_width}")
+        for name in ("l1_weight", "border_weight", "perceptual_weight", "adversarial_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.perceptual not in PERCEPTUAL_BACKBONES:

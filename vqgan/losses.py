@@ -280,14 +280,14 @@ class VQGANLoss(nn.Module):
     def generator_loss(self, images: Tensor, output: VQGANOutput, last_layer: Tensor, step: int) -> LossOutput:
         """Loss of the VQGAN for (B, 3, H, W) `images` and its forward `output`.
 
-        total = l1_weight * L1 + perceptual_weight * perceptual + commit_loss
+        total = l1_weight * L1 (border pixels weighted by border_weight) + perceptual_weight * perceptual + commit_loss
                 + adversarial_weight * adaptive_weight * g_loss        (only when `adversarial_active(step)`)
 
         Under `torch.no_grad` (validation) the adaptive weight cannot be computed and is 0, as in Taming. The
         adversarial term also puts gradients on the discriminator's parameters; zero them before its own step."""
         cfg = self.config
         reconstruction = output.reconstruction
-        l1 = (images - reconstruction).abs().mean()
+        l1 = ((images - reconstruction).abs() * border_weights(images, cfg.border_weight, cfg.border_width)).mean()
         nll = cfg.l1_weight * l1
         terms = {"l1": l1}
         if self.perceptual is not None:
@@ -315,3 +315,14 @@ class VQGANLoss(nn.Module):
         total = D_LOSSES[self.config.adversarial_loss](logits_real, logits_fake)
         terms = {"d_loss": total, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
         return LossOutput(total=total, terms={name: value.detach() for name, value in terms.items()})
+
+
+def border_weights(images: Tensor, border_weight: float, width: int) -> Tensor | float:
+    """Per-pixel L1 weights (1, 1, H, W): 1 inside, 1 + border_weight within `width` pixels of the edge (1.0 when
+    border_weight is 0)."""
+    if border_weight == 0:
+        return 1.0
+    H, W = images.shape[-2:]
+    weights = torch.full((1, 1, H, W), 1.0 + border_weight, device=images.device, dtype=images.dtype)
+    weights[..., width : H - width, width : W - width] = 1.0
+    return weights
