@@ -51,7 +51,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from muse.data.captions import EVAL_TEMPLATES, caption_of
-from muse.options import PRECISIONS, SamplingOptions, add_option_arguments, given_options
+from muse.options import (
+    PRECISIONS,
+    SamplingOptions,
+    add_option_arguments,
+    default_device,
+    deprecated_alias,
+    given_options,
+)
 from muse.progress import progress
 from persist import atomic_write_json, atomic_write_text
 
@@ -572,10 +579,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="guidance scales of the settings grid (default: 1, i.e. none, half the model's and the model's)")
     parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts, metavar="N",
                         help="captions per evaluated set")
-    parser.add_argument("--candidates", type=int, default=defaults.candidates, metavar="N",
-                        help="captions a prompt is retrieved among")
-    parser.add_argument("--best-of", type=int, default=defaults.best_of, metavar="N",
-                        help="candidates per image in the best-of-N comparison (1 skips it)")
+    # Best-of-N is --num-candidates everywhere (`muse generate`, the API's num_candidates); the retrieval pool says
+    # what it is. The old spellings, where --candidates meant the pool, are kept with a warning for one version.
+    parser.add_argument("--retrieval-captions", dest="candidates", type=int, default=defaults.candidates,
+                        metavar="N", help="captions a prompt is retrieved among (prompt fidelity's top-1 / top-5)")
+    parser.add_argument("--num-candidates", dest="best_of", type=int, default=defaults.best_of, metavar="N",
+                        help="best-of-N: candidates per image in the best-of-N comparison (1 skips it)")
+    deprecated_alias(parser, "--candidates", "--retrieval-captions", dest="candidates", type=int)
+    deprecated_alias(parser, "--best-of", "--num-candidates", dest="best_of", type=int)
     parser.add_argument("--num-recon", type=int, default=defaults.num_recon, metavar="N",
                         help="images for the reconstruction PSNR (0 skips it)")
     parser.add_argument("--num-inpaint", type=int, default=defaults.num_inpaint, metavar="N",
@@ -583,7 +594,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
                         help="images per pipeline call")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="image i of a caption set has seed SEED + i")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, mps, ... (default: the GPU when there is one, else cpu)")
     parser.add_argument("--prompt-templates", nargs="+", default=list(defaults.prompt_templates), metavar="TEMPLATE",
                         help="generate from the rows' captions in other words: caption templates over {label}, "
                              "{a_label}, {style} and {keywords}, used in turn, or 'eval' for the held-out phrasings "
@@ -609,12 +621,10 @@ def main(args: argparse.Namespace) -> None:
             prompt_templates=tuple(t for name in args.prompt_templates
                                    for t in (EVAL_TEMPLATES if name == "eval" else [name])),
         )
-        import torch
-
         from muse.pipeline import MusePipeline
         from muse.scorer import PromptScorer
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = args.device or default_device()
         pipe = MusePipeline.from_pretrained(args.model)
         if args.precision is not None:
             pipe.config = dataclasses.replace(pipe.config, precision=args.precision)
