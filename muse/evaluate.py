@@ -629,6 +629,7 @@ def main(args: argparse.Namespace) -> None:
         if args.precision is not None:
             pipe.config = dataclasses.replace(pipe.config, precision=args.precision)
         pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)  # the evaluation's own bars count its images
         config = dataclasses.replace(config, options=pipe.options(**given_options(args)))
         scorer = PromptScorer.load(args.scorer, device=device) if args.scorer is not None else pipe.scorer
         scorer_name = args.scorer if args.scorer is not None else (None if scorer is None else "the model's scorer/")

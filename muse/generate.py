@@ -401,6 +401,7 @@ def generate_main(args: argparse.Namespace) -> None:
         # Only for the final barrier; a long timeout because shards can be unbalanced by images already done.
         dist.init_process_group("gloo", timeout=timedelta(days=7))
     pipe = _load_pipeline(args, "generate")
+    pipe.set_progress_bar_config(disable=True)  # the run's own bar counts images; one bar per call would nest in it
     try:
         resolved = pipe.options(**options)
     except (ValueError, TypeError) as e:
