@@ -115,8 +115,8 @@ class SamplingOptions:
     superres_steps: int = _option(8, "super-resolution decoding steps (Muse: 8)")
     # None: every stage the pipeline has. Not said in the help: a flag's help shows the model's saved default, which
     # is what applies (the bundled model saves 1), and two defaults in one line contradict each other.
-    stages: int | None = _option(None, "1: base stage only; 2: with super-resolution (a model that saves no "
-                                       "default runs every stage it has)", choices=(1, 2))
+    stages: int | None = _option(None, "1: base stage only; 2: with super-resolution (a model that sets neither "
+                                       "runs every stage it has)", choices=(1, 2))
     num_candidates: int = _option(1, "best-of-N: make N candidates per image and keep the one the pipeline's scorer "
                                      "rates best (its log-likelihood without a scorer); a pipeline's default applies "
                                      "to generation, editing tasks make one unless asked", deprecated=("--candidates",))
