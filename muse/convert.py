@@ -1,7 +1,7 @@
 """`muse convert`: a pipeline from another layout -- a diffusers aMUSEd directory or hub id -- as a musegen pipeline
 directory, which then loads without the original's layout (and offline, once written).
 
-    muse convert amused/amused-256 --out models/amused-256 --weights-dtype float16   # needs internet once (the download)
+    muse convert amused/amused-256 --out models/amused-256 --weights-dtype float16   # internet once (the download)
     muse generate "a red apple" --model models/amused-256
 
 aMUSEd's weights are published under the OpenRAIL++-M licence (their model card); a converted copy is still theirs

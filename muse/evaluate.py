@@ -1,7 +1,7 @@
 """`muse eval`: a model's numbers on an image-caption folder, written to DIR/eval.json and a short DIR/eval.md.
 
     muse eval --model runs/pipeline --data data/emoji --split heldout --out runs/eval [--scorer runs/scorer]
-              [--steps 8 16 24] [--guidance 1 4] [--num-prompts 32] [--best-of 8]
+              [--steps 8 16 24] [--guidance 1 4] [--num-prompts 32] [--num-candidates 8]
 
 `--model` is a saved pipeline directory or bundled preset (default: the bundled model). `--scorer` is a
 `muse.scorer.PromptScorer` directory (default: the model's own `scorer/`, if it has one); without a scorer the
@@ -11,7 +11,7 @@ prompt-fidelity numbers are left out and everything else is still measured:
 * prompt fidelity at every (steps, guidance) setting, on `num_prompts` captions of the split (by default the held-out
   (concept, style) pairs, never trained on) and on as many training captions: the scorer's mean cosine similarity of
   each image with its prompt, and how often its prompt is retrieved first / in the first five among `candidates`
-  captions (the evaluated ones, then distractors drawn from the whole folder);
+  (`--retrieval-captions`) captions (the evaluated ones, then distractors drawn from the whole folder);
 * FD-EffNetLite0: the Frechet distance between the generated and the real images of the same split captions, on
   EfficientNet-Lite0 features. Not comparable with published FID: another network, and far fewer samples, which
   inflates it; compare it only between runs with the same settings;

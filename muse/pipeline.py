@@ -221,6 +221,9 @@ class MusePipeline:
         """Options of the progress bar that the task methods show over their decoding steps (on a terminal only):
         `disable=True` turns it off, other keys are tqdm's (`desc`, `leave`, `position`, ...), as in diffusers.
         `submit` never shows one: its caller has the step events."""
+        fixed = sorted({"total", "initial", "file", "dynamic_ncols"} & set(config))
+        if fixed:
+            raise TypeError(f"the progress bar sets {', '.join(fixed)} itself (it counts the task's steps on stderr)")
         self._progress_bar_config = dict(config)
 
     @property

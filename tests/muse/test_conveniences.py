@@ -144,6 +144,8 @@ def test_the_progress_bar_counts_steps_and_turns_off(tiny_cascade, capsys):
         pipe.set_progress_bar_config(disable=True)
         pipe("a red apple", seed=0, num_steps=4)
         assert capsys.readouterr().err == ""
+        with pytest.raises(TypeError, match="sets file itself"):
+            pipe.set_progress_bar_config(file=None)
     finally:
         pipe.set_progress_bar_config()
 
