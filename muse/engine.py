@@ -86,30 +86,17 @@ class TokenPredictor(Protocol):
 
 
 @dataclass(frozen=True)
-class Job:
-    """One parallel decode on one stage, with the sampling options whole (as a request carries them).
-
-    tokens: (B, L) long starting grid, row-major over `grid` = (h, w), the model's mask id where unknown. context: B
-    rows, or 2B when `options` guide ([conditional; unconditional], `muse.guidance`). stage: which stage of a cascade
-    the job decodes (0 base, 1 super-resolution): it picks the stage's decode settings from `options` and is
-    reported in the job's events. row_keys: optionally one key per context row, equal keys meaning equal context
-    rows (a prompt); rows of an all-masked grid with equal keys then compute their first step once.
-    """
+class _GridJob:
+    """What every job is: grids (B, L) of `model` over `grid`, their context rows, and the options whole."""
 
     model: TokenPredictor
     tokens: Tensor
     grid: tuple[int, int]
     context: Context
     options: SamplingOptions
-    seeds: Tensor
-    stage: int = 0
-    row_keys: tuple[Hashable, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_rows(self)
-        if self.row_keys is not None and len(self.row_keys) != self.context.batch_size:
-            raise ValueError(f"row_keys must have one key per context row ({self.context.batch_size}), got "
-                             f"{len(self.row_keys)}")
 
     @property
     def batch_size(self) -> int:
@@ -123,6 +110,28 @@ class Job:
     def context_rows(self) -> int:
         """Rows this job adds to a forward (what `Engine(max_rows=...)` counts): its grids, twice when guided."""
         return self.context.batch_size
+
+
+@dataclass(frozen=True)
+class Job(_GridJob):
+    """One parallel decode on one stage, with the sampling options whole (as a request carries them).
+
+    tokens: (B, L) long starting grid, row-major over `grid` = (h, w), the model's mask id where unknown. context: B
+    rows, or 2B when `options` guide ([conditional; unconditional], `muse.guidance`). stage: which stage of a cascade
+    the job decodes (0 base, 1 super-resolution): it picks the stage's decode settings from `options` and is
+    reported in the job's events. row_keys: optionally one key per context row, equal keys meaning equal context
+    rows (a prompt); rows of an all-masked grid with equal keys then compute their first step once.
+    """
+
+    seeds: Tensor
+    stage: int = 0
+    row_keys: tuple[Hashable, ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.row_keys is not None and len(self.row_keys) != self.context.batch_size:
+            raise ValueError(f"row_keys must have one key per context row ({self.context.batch_size}), got "
+                             f"{len(self.row_keys)}")
 
     @functools.cached_property
     def settings(self) -> DecodeSettings:
@@ -135,7 +144,7 @@ class Job:
 
 
 @dataclass(frozen=True)
-class ScoreJob:
+class ScoreJob(_GridJob):
     """Score complete grids instead of decoding them: the result is (B, L) float32, the guided log-probability of
     each token of `tokens` (B, L) under its context (B rows, or 2B when `options` guide), read in one forward.
 
@@ -145,28 +154,7 @@ class ScoreJob:
     stage `stage`'s steps (for both schedules that is `guidance_scale`, where the linear ramp ends).
     """
 
-    model: TokenPredictor
-    tokens: Tensor
-    grid: tuple[int, int]
-    context: Context
-    options: SamplingOptions
     stage: int = 0
-
-    def __post_init__(self) -> None:
-        _check_rows(self)
-
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def guidance(self) -> Guidance:
-        return self.options.guidance
-
-    @property
-    def context_rows(self) -> int:
-        """Rows this job adds to a forward (what `Engine(max_rows=...)` counts): its grids, twice when guided."""
-        return self.context.batch_size
 
     @property
     def scale(self) -> float:
@@ -175,7 +163,7 @@ class ScoreJob:
         return self.guidance.scale_at(num_steps - 1, num_steps)
 
 
-def _check_rows(job: Job | ScoreJob) -> None:
+def _check_rows(job: _GridJob) -> None:
     """A job's grids and context rows agree (one context row per grid, two when guided)."""
     B = job.tokens.shape[0]
     if job.tokens.ndim != 2 or job.tokens.shape[1] != job.grid[0] * job.grid[1]:

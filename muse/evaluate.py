@@ -51,14 +51,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from muse.data.captions import EVAL_TEMPLATES, caption_of
-from muse.options import (
-    PRECISIONS,
-    SamplingOptions,
-    add_option_arguments,
-    default_device,
-    deprecated_alias,
-    given_options,
-)
+from muse.options import (PRECISIONS, SamplingOptions, add_option_arguments, default_device, deprecated_alias,
+                          given_options)
 from muse.progress import progress
 from persist import atomic_write_json, atomic_write_text
 

@@ -46,18 +46,9 @@ from PIL import Image
 
 from muse.bundled import bundled_sampling_defaults
 from muse.options import PRECISIONS, add_option_arguments, deprecated_alias, given_options
+from muse.requests import (REQUESTS, EditRequest, GenerateRequest, InpaintRequest, OutpaintRequest, Request,
+                           UpscaleRequest, add_request_arguments, given_request)
 from persist import atomic_write, atomic_write_text
-from muse.requests import (
-    REQUESTS,
-    EditRequest,
-    GenerateRequest,
-    InpaintRequest,
-    OutpaintRequest,
-    Request,
-    UpscaleRequest,
-    add_request_arguments,
-    given_request,
-)
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.part*.jsonl"

@@ -15,7 +15,6 @@ The pipeline itself names no architecture: everything about a kind is in its reg
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ from muse.bundled import DEFAULT_PRESET, PIPELINE_FILE, bundled_presets
 from muse.components import DIFFUSERS_ROLES, ROLES, diffusers_kind, kind_of, load_component, parse_components
 from muse.options import PRECISIONS, Limits, SamplingOptions, amused_options, option_names
 from transformer.config import TextEncoderConfig
-from transformer.saving import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_config, read_weights
+from persist import atomic_write, atomic_write_dir, atomic_write_json, dataclass_from_dict, read_json_object
+from persist.weights import CONFIG_NAME, WEIGHTS_NAME, read_component_dataclass, read_component_weights
 from transformer.text import MINILM_ALIAS, TextEncoder
 
 TEXT_ENCODER_FILE = "text_encoder.json"
@@ -78,7 +78,7 @@ class PipelineConfig:
         if isinstance(data, dict) and "sampling" not in data:
             flat = {k: v for k, v in data.items() if k in option_names()}
             data = {**{k: v for k, v in data.items() if k not in flat}, "sampling": flat}
-        return config_from_dict(PipelineConfig, data, where=where)
+        return dataclass_from_dict(PipelineConfig, data, source=where)
 
 
 @dataclass
@@ -114,7 +114,7 @@ def read_pipeline(path: str | os.PathLike | None, precision: str | None = None) 
 def _read_ours(path: Path, manifest_file: Path) -> SavedPipeline:
     if not manifest_file.is_file():
         raise FileNotFoundError(f"{path} is not a saved MusePipeline: {PIPELINE_FILE} not found")
-    manifest = _read_json(manifest_file)
+    manifest = read_json_object(manifest_file)
     if not isinstance(manifest, dict) or set(manifest) != {"components", "config"}:
         raise ValueError(f"{manifest_file} must be a JSON object with exactly the keys 'components' and 'config'")
     config = PipelineConfig.from_dict(manifest["config"], where=str(manifest_file))
@@ -138,7 +138,7 @@ def read_diffusers(path: Path) -> SavedPipeline:
     AmusedScheduler's own. The weights' licence is the model's (aMUSEd: OpenRAIL++-M, on its model card); musegen
     redistributes none of them."""
     index_file = path / AMUSED_INDEX
-    index = _read_json(index_file)
+    index = read_json_object(index_file)
     kind = index.get("_class_name") if isinstance(index, dict) else None
     if kind not in AMUSED_PIPELINES:
         raise ValueError(f"{index_file}: _class_name is {kind!r}; musegen reads {', '.join(AMUSED_PIPELINES)}")
@@ -159,7 +159,7 @@ def read_diffusers(path: Path) -> SavedPipeline:
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     schedule = "cosine"
     if scheduler_file.is_file():
-        scheduler = _read_json(scheduler_file)
+        scheduler = read_json_object(scheduler_file)
         if scheduler.get("mask_token_id", transformer.config.mask_token_id) != transformer.config.mask_token_id:
             raise ValueError(f"{scheduler_file}: mask_token_id {scheduler['mask_token_id']} is not the "
                              f"transformer's last vocabulary id {transformer.config.mask_token_id}")
@@ -240,15 +240,15 @@ def load_scorer(scorer_dir: Path, device: torch.device) -> Any:
 def _check_scorer(path: Path) -> None:
     from muse.scorer import ScorerConfig
 
-    load_config(path, ScorerConfig)
-    read_weights(path)
+    _, digest = read_component_dataclass(path, ScorerConfig)
+    read_component_weights(path, digest)
 
 
 def _load_text_encoder(path: Path) -> TextEncoder:
     file = path / TEXT_ENCODER_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found")
-    config = config_from_dict(TextEncoderConfig, _read_json(file), where=str(file))
+    config = dataclass_from_dict(TextEncoderConfig, read_json_object(file), source=str(file))
     return TextEncoder(dataclasses.replace(config, name_or_path=_text_encoder_location(config.name_or_path, path,
                                                                                        file)))
 
@@ -271,13 +271,6 @@ def _text_encoder_location(name: str, pipeline: Path, file: Path) -> str:
     return name  # a hub name such as "google/t5-v1_1-xxl"
 
 
-def _read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Writing
 
@@ -296,21 +289,12 @@ def save_pipeline(
 
     The pipeline is written into a new folder beside `path` and swapped in at the end: nothing of what was at
     `path` before survives into it, and an interrupted save leaves the old one whole."""
-    path = Path(path)
-    fresh = path.with_name(f".{path.name}.new-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(fresh, ignore_errors=True)
-    _write(fresh, components, text_encoder, config, scorer, dtype)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(fresh, path)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic_write_dir(path, lambda fresh: _write(fresh, components, text_encoder, config, scorer, dtype))
 
 
 def _write(path: Path, components: dict[str, nn.Module | None], text_encoder: TextEncoder, config: PipelineConfig,
            scorer: Any, dtype: torch.dtype | None) -> None:
     """save_pipeline's work, into the empty folder `path`."""
-    path.mkdir(parents=True)
     kinds = {}
     for role in ROLES:
         module = components.get(role)
@@ -323,24 +307,14 @@ def _write(path: Path, components: dict[str, nn.Module | None], text_encoder: Te
         # A local model would not exist on another machine: ship a copy and point at it (relative to `path`).
         text_encoder.save_pretrained(path / TEXT_ENCODER_DIR)
         text_config = dataclasses.replace(text_config, name_or_path=TEXT_ENCODER_DIR)
-    _write_json(path / TEXT_ENCODER_FILE, dataclasses.asdict(text_config))
+    atomic_write_json(path / TEXT_ENCODER_FILE, dataclasses.asdict(text_config))
     target = path / SCORER_DIR
     if isinstance(scorer, Path):
         # Not loaded yet: copy its two files rather than load its towers just to write them back.
         target.mkdir()
         for name in (CONFIG_NAME, WEIGHTS_NAME):
-            shutil.copyfile(scorer / name, target / name)
+            atomic_write(target / name, lambda tmp, name=name: shutil.copyfile(scorer / name, tmp))
     elif hasattr(scorer, "save"):
         scorer.save(target)
     # A scorer that is a plain function is the caller's code, not a component: nothing to save.
-    _write_json(path / PIPELINE_FILE, {"components": kinds, "config": dataclasses.asdict(config)})
-
-
-def _write_json(file: Path, data: dict) -> None:
-    """Atomic: write `file.tmp`, fsync, rename."""
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
+    atomic_write_json(path / PIPELINE_FILE, {"components": kinds, "config": dataclasses.asdict(config)})

@@ -66,27 +66,10 @@ from muse.inputs import MAX_SEED, ImageInput, MaskInput
 from muse.loading import SCORER_DIR, PipelineConfig, load_scorer, read_pipeline, save_pipeline
 from muse.options import SamplingOptions, fast_bfloat16
 from muse.progress import progress
-from muse.requests import (
-    REQUESTS,
-    EditRequest,
-    GenerateRequest,
-    InpaintRequest,
-    OutpaintRequest,
-    Request,
-    Scorer,
-    UpscaleRequest,
-)
-from sampling import (
-    Window,
-    composite,
-    edit_mask,
-    feathered_composite_weights,
-    masked_grid,
-    outpaint_canvas,
-    pixel_to_token_mask,
-    plan_windows,
-    token_padding,
-)
+from muse.requests import (REQUESTS, EditRequest, GenerateRequest, InpaintRequest, OutpaintRequest, Request, Scorer,
+                           UpscaleRequest)
+from sampling import (Window, composite, edit_mask, feathered_composite_weights, masked_grid, outpaint_canvas,
+                      pixel_to_token_mask, plan_windows, token_padding)
 from transformer.model import TextContext
 from transformer.text import TextEmbedding, TextEncoder
 

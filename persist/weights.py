@@ -25,7 +25,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -41,6 +41,9 @@ T = TypeVar("T")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# diffusers' name, which the aMUSEd kinds (transformer/uvit.py, vqgan/vqmodel.py) keep so that a saved one is a
+# diffusers component too.
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_HASH = "weights_sha256"  # the config.json key holding the weights file's SHA-256
 PIPELINE_FILE = "pipeline.json"  # marks a musegen pipeline directory; its component folders are ours
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -179,3 +182,16 @@ def load_component_weights(directory: str | os.PathLike, module: nn.Module, sha2
     """`read_component_weights` loaded into `module` strictly (`load_state_dict_strict`)."""
     state = read_component_weights(directory, sha256, weights_name=weights_name)
     load_state_dict_strict(module, state, str(Path(directory) / weights_name))
+
+
+def load_diffusers_component(directory: str | os.PathLike, build: Callable[[dict[str, Any], str], nn.Module]
+                             ) -> nn.Module:
+    """A component in diffusers' layout (config.json and diffusion_pytorch_model.safetensors), such as a folder of
+    an aMUSEd download: `build(config, where)` makes the module from the config's content, then the weights load
+    strictly; eval mode, on the CPU. The SHA-256 is checked when config.json records one and required inside a
+    musegen pipeline directory; a foreign download has none and is read with safetensors (no code runs)."""
+    data, digest = read_component_config(directory, weights_name=DIFFUSERS_WEIGHTS_NAME,
+                                         require_hash=in_pipeline_directory(directory))
+    model = build(data, str(Path(directory) / CONFIG_NAME))
+    load_component_weights(directory, model, digest, weights_name=DIFFUSERS_WEIGHTS_NAME)
+    return model.eval()

@@ -28,7 +28,6 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,16 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from persist import dataclass_from_diffusers_config
-from persist.weights import (
-    CONFIG_NAME,
-    in_pipeline_directory,
-    load_component_weights,
-    read_component_config,
-    save_component,
-)
+from persist.weights import DIFFUSERS_WEIGHTS_NAME, load_diffusers_component, save_component
 from transformer.model import KeyValue, gather_rows, resolve_grid
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' name, so a saved model is a diffusers component
 DIFFUSERS_CLASS = "UVit2DModel"
 
 
@@ -698,15 +690,11 @@ class UVit2D(nn.Module):
         diffusion_pytorch_model.safetensors (floating-point weights in `dtype` when given), which diffusers'
         `UVit2DModel.from_pretrained` reads too (it ignores, with a warning, the `weights_sha256` that config.json
         records, as ours checks it)."""
-        save_component(path, self.config.to_diffusers_json(), self, dtype=dtype, weights_name=WEIGHTS_NAME)
+        save_component(path, self.config.to_diffusers_json(), self, dtype=dtype, weights_name=DIFFUSERS_WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> UVit2D:
         """Load a diffusers `UVit2DModel` directory (e.g. the `transformer/` folder of an aMUSEd download), strictly,
         in eval mode on the CPU. The weights' SHA-256 is checked when config.json records one, and required inside a
         musegen pipeline directory; a foreign download has none and is read with safetensors (no code runs)."""
-        data, digest = read_component_config(path, weights_name=WEIGHTS_NAME,
-                                             require_hash=in_pipeline_directory(path))
-        model = cls(UVit2DConfig.from_diffusers_json(data, where=str(Path(path) / CONFIG_NAME)))
-        load_component_weights(path, model, digest, weights_name=WEIGHTS_NAME)
-        return model.eval()
+        return load_diffusers_component(path, lambda data, where: cls(UVit2DConfig.from_diffusers_json(data, where=where)))

@@ -151,6 +151,30 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def check_images(images: Tensor, factor: int) -> None:
+    """Refuse what no tokenizer encodes: not (B, 3, H, W), not floating point, or H and W not positive multiples of
+    the downsampling `factor`. Shared by every tokenizer kind (this VQGAN and aMUSEd's VQModel)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
+    height, width = images.shape[-2:]
+    if height % factor or width % factor or height == 0 or width == 0:
+        raise ValueError(f"image height and width must be positive multiples of the downsampling factor {factor}, "
+                         f"got {height}x{width}")
+
+
+def check_ids(ids: Tensor, codebook_size: int) -> None:
+    """Refuse token ids no tokenizer decodes: not (B, h, w), not integers, or outside [0, codebook_size)."""
+    if ids.ndim != 3:
+        raise ValueError(f"ids must have shape (B, h, w), got {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(f"ids must be an integer tensor, got dtype {ids.dtype}")
+    K = codebook_size
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= K):
+        raise ValueError(f"ids must lie in [0, {K}), got values in [{int(ids.min())}, {int(ids.max())}]")
+
+
 class VQGAN(nn.Module):
     def __init__(self, config: VQGANConfig):
         super().__init__()
@@ -191,18 +215,6 @@ class VQGAN(nn.Module):
         """Weight of the decoder's output convolution: the adaptive GAN weight compares gradient norms here."""
         return self.decoder.conv_out.weight
 
-    def _check_images(self, images: Tensor) -> None:
-        f = self.config.downsample_factor
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
-        height, width = images.shape[-2:]
-        if height % f or width % f or height == 0 or width == 0:
-            raise ValueError(
-                f"image height and width must be positive multiples of the downsampling factor {f}, got {height}x{width}"
-            )
-
     def _quantize(self, z: Tensor, freeze_codebook: bool) -> tuple[Tensor, Tensor, Tensor]:
         height, width = z.shape[-2:]
         z = rearrange(z, "B D h w -> B (h w) D")  # (B, L, D)
@@ -215,26 +227,20 @@ class VQGAN(nn.Module):
         """Reconstruct (B, 3, H, W) images through the codebook. In training mode this also updates the EMA codebook
         and re-seeds dead codes, unless `freeze_codebook` (fine-tuning the decoder alone, so that every token id keeps
         its meaning); gradients reach the encoder through the straight-through estimator."""
-        self._check_images(images)
+        check_images(images, self.config.downsample_factor)
         quantized, ids, commit_loss = self._quantize(self.encoder(images), freeze_codebook=freeze_codebook)
         return VQGANOutput(reconstruction=self.decoder(quantized), ids=ids, commit_loss=commit_loss)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) images in [-1, 1] -> (B, H/f, W/f) long token ids. Never changes the codebook."""
-        self._check_images(images)
+        check_images(images, self.config.downsample_factor)
         _, ids, _ = self._quantize(self.encoder(images), freeze_codebook=True)
         return ids
 
     def decode(self, ids: Tensor) -> Tensor:
         """(B, h, w) token ids -> (B, 3, h*f, w*f) images clamped to [-1, 1]."""
-        if ids.ndim != 3:
-            raise ValueError(f"ids must have shape (B, h, w), got {tuple(ids.shape)}")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-            raise ValueError(f"ids must be an integer tensor, got dtype {ids.dtype}")
-        K = self.config.codebook_size
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= K):
-            raise ValueError(f"ids must lie in [0, {K}), got values in [{int(ids.min())}, {int(ids.max())}]")
+        check_ids(ids, self.config.codebook_size)
         height, width = ids.shape[-2:]
         codes = self.quantizer.get_output_from_indices(rearrange(ids.long(), "B h w -> B (h w)"))  # (B, L, D)
         codes = rearrange(codes, "B (h w) D -> B D h w", h=height, w=width)  # (B, D, h, w)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,15 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from persist import dataclass_from_diffusers_config
-from persist.weights import (
-    CONFIG_NAME,
-    in_pipeline_directory,
-    load_component_weights,
-    read_component_config,
-    save_component,
-)
+from persist.weights import DIFFUSERS_WEIGHTS_NAME, load_diffusers_component, save_component
+from vqgan.model import check_ids, check_images
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' name, so a saved model is a diffusers component
 DIFFUSERS_CLASS = "VQModel"
 GROUP_NORM_EPS = 1e-6  # fixed in diffusers' Encoder/Decoder, whatever the config says
 
@@ -308,23 +301,9 @@ class VQModel(nn.Module):
         K = self.config.codebook_size
         nn.init.uniform_(self.quantize.embedding.weight, -1.0 / K, 1.0 / K)
 
-    def _check_images(self, images: Tensor) -> None:
-        f = self.config.downsample_factor
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
-        height, width = images.shape[-2:]
-        if height % f or width % f or height == 0 or width == 0:
-            raise ValueError(
-                f"image height and width must be positive multiples of the downsampling factor {f}, "
-                f"got {height}x{width}"
-            )
-
-    @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) images in [-1, 1] -> (B, H/f, W/f) long token ids."""
-        self._check_images(images)
+        check_images(images, self.config.downsample_factor)
         z = self.quant_conv(self.encoder((images + 1) / 2))  # (B, code_dim, h, w); the weights expect [0, 1]
         B, D, h, w = z.shape
         ids = self.quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, D))  # (B*h*w,)
@@ -332,13 +311,7 @@ class VQModel(nn.Module):
 
     def decode(self, ids: Tensor) -> Tensor:
         """(B, h, w) token ids -> (B, 3, h*f, w*f) images clamped to [-1, 1]."""
-        if ids.ndim != 3:
-            raise ValueError(f"ids must have shape (B, h, w), got {tuple(ids.shape)}")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-            raise ValueError(f"ids must be an integer tensor, got dtype {ids.dtype}")
-        K = self.config.codebook_size
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= K):
-            raise ValueError(f"ids must lie in [0, {K}), got values in [{int(ids.min())}, {int(ids.max())}]")
+        check_ids(ids, self.config.codebook_size)
         # Contiguous: a permuted (channels-last) input sends the conv to another kernel, which rounds differently.
         codes = self.quantize.embedding(ids.long()).permute(0, 3, 1, 2).contiguous()  # (B, code_dim, h, w)
         images = self.decoder(self.post_quant_conv(codes))  # (B, 3, H, W), about [0, 1]
@@ -349,15 +322,11 @@ class VQModel(nn.Module):
         diffusion_pytorch_model.safetensors (floating-point weights in `dtype` when given), which diffusers'
         `VQModel.from_pretrained` reads too (it ignores, with a warning, the `weights_sha256` that config.json
         records, as ours checks it)."""
-        save_component(path, self.config.to_diffusers_json(), self, dtype=dtype, weights_name=WEIGHTS_NAME)
+        save_component(path, self.config.to_diffusers_json(), self, dtype=dtype, weights_name=DIFFUSERS_WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> VQModel:
         """Load a diffusers `VQModel` directory (e.g. the `vqvae/` folder of an aMUSEd download), strictly, in eval
         mode on the CPU. The weights' SHA-256 is checked when config.json records one, and required inside a
         musegen pipeline directory; a foreign download has none and is read with safetensors (no code runs)."""
-        data, digest = read_component_config(path, weights_name=WEIGHTS_NAME,
-                                             require_hash=in_pipeline_directory(path))
-        model = cls(VQModelConfig.from_diffusers_json(data, where=str(Path(path) / CONFIG_NAME)))
-        load_component_weights(path, model, digest, weights_name=WEIGHTS_NAME)
-        return model.eval()
+        return load_diffusers_component(path, lambda data, where: cls(VQModelConfig.from_diffusers_json(data, where=where)))

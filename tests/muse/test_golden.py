@@ -19,10 +19,14 @@ Recording (never done by a plain run, which only compares):
     MUSE_RECORD_GOLDEN=1 python -m pytest tests/muse/test_golden.py                      # every case
     MUSE_RECORD_GOLDEN=1 python -m pytest tests/muse/test_golden.py -k edit_confidence   # one case, others kept
 
-Each case records the commit it was recorded at. Edit's confidence mode is expected to change in issue 21's round
-(scored through the engine, batched, honouring `guidance_schedule`): its case is compared exactly like the others
-until then, in its own test, `test_golden_edit_confidence`, so that it alone can be re-recorded, and the reason
-written into `CONFIDENCE_NOTE` below.
+Each case records the commit it was recorded at (d178d65, before issue 21's refactor). Edit's confidence mode was
+expected to change in that round: its scoring now runs through the engine (a `ScoreJob`, batched with every job in
+flight, within `max_rows`) and honours `guidance_schedule`, where d178d65 called the model beside the engine at
+`guidance_scale`. Its tokens did not change, and `test_golden_edit_confidence` shows why on two cases recorded from
+d178d65's code: a complete grid is scored at its schedule's last step, and for both schedules (constant, and linear
+with guidance 4) that scale is `guidance_scale`, so the scores are the same numbers, now computed in the engine's
+batch. Should a later change move them, re-record those cases alone (`-k edit_confidence`) and write the reason
+into `CONFIDENCE_NOTE`.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from muse.pipeline import MusePipeline, PipelineOutput
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "tokens.json"
 RECORD = os.environ.get("MUSE_RECORD_GOLDEN") == "1"
-# Why the confidence case was last re-recorded; empty while it is still d178d65's own output.
+# Why the confidence cases were last re-recorded; empty while they are still d178d65's own output (they are).
 CONFIDENCE_NOTE = ""
 
 
@@ -104,6 +108,11 @@ CONFIDENCE_CASE: dict[str, Case] = {
     "edit_confidence": ("tiny", lambda p: p.edit(
         "a green apple", image=picture((16, 16), 2), strength=0.5, iterations=2, mode="confidence", num_images=2,
         seed=80)),
+    # The schedule is what issue 21 made confidence scoring honour: the same tokens here say that, for a complete grid,
+    # the scheduled scale (its last step's) is the guidance_scale the old code used.
+    "edit_confidence_linear_guidance": ("tiny", lambda p: p.edit(
+        "a green apple", image=picture((16, 16), 2), strength=0.5, iterations=2, mode="confidence", num_images=2,
+        seed=81, guidance_scale=4.0, guidance_schedule="linear")),
 }
 
 
@@ -266,7 +275,7 @@ def check(name: str, case: Case, pipelines, golden) -> None:
     got = {"platform": platform(), **summary(call(pipelines(kind)))}
     if RECORD:
         fresh[name] = {"recorded_at": recorded_at(), **got}
-        if name == "edit_confidence" and CONFIDENCE_NOTE:
+        if name in CONFIDENCE_CASE and CONFIDENCE_NOTE:
             fresh[name]["note"] = CONFIDENCE_NOTE
         return
     if name not in record:
@@ -279,10 +288,9 @@ def test_golden(name, pipelines, golden):
     check(name, CASES[name], pipelines, golden)
 
 
-def test_golden_edit_confidence(pipelines, golden):
-    """Exact for now; expected to be re-recorded once confidence scoring runs through the engine (see the module
-    docstring), with the reason in CONFIDENCE_NOTE."""
-    check("edit_confidence", CONFIDENCE_CASE["edit_confidence"], pipelines, golden)
+@pytest.mark.parametrize("name", list(CONFIDENCE_CASE))
+def test_golden_edit_confidence(name, pipelines, golden):
+    check(name, CONFIDENCE_CASE[name], pipelines, golden)
 
 
 def test_the_record_has_exactly_these_cases():

@@ -10,7 +10,7 @@ from muse.guidance import guided_logits
 from muse.pipeline import SCORER_DIR, MusePipeline
 from muse.scorer import PromptScorer, ScorerConfig, ScorerHeads
 from sampling import decode
-from transformer.saving import save_component
+from persist.weights import save_component
 
 
 def brightness(images, prompts):
