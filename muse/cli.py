@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Sequence
 
 # name -> (module, one-line help). `data` has its own sub-subcommands.
@@ -74,10 +75,22 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """A warning as one line a user can read: "muse: warning: MESSAGE", without the file, line number and source
+    line of the code that raised it (which Python's default format shows, and which say nothing to a user)."""
+    text = " ".join(str(message).split())  # one line, even for a message written over several
+    return f"muse: warning: {text}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
-    result = args._main(args)
+    library_format, warnings.formatwarning = warnings.formatwarning, _format_warning  # the command's own, only here
+    try:
+        args = build_parser(argv).parse_args(argv)
+        result = args._main(args)
+    finally:
+        warnings.formatwarning = library_format
     if isinstance(result, int):
         sys.exit(result)
 

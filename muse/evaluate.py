@@ -1,7 +1,7 @@
 """`muse eval`: a model's numbers on an image-caption folder, written to DIR/eval.json and a short DIR/eval.md.
 
     muse eval --model runs/pipeline --data data/emoji --split heldout --out runs/eval [--scorer runs/scorer]
-              [--steps 8 16 24] [--guidance 1 4] [--num-prompts 32] [--best-of 8]
+              [--steps 8 16 24] [--guidance 1 4] [--num-prompts 32] [--num-candidates 8]
 
 `--model` is a saved pipeline directory or bundled preset (default: the bundled model). `--scorer` is a
 `muse.scorer.PromptScorer` directory (default: the model's own `scorer/`, if it has one); without a scorer the
@@ -11,7 +11,7 @@ prompt-fidelity numbers are left out and everything else is still measured:
 * prompt fidelity at every (steps, guidance) setting, on `num_prompts` captions of the split (by default the held-out
   (concept, style) pairs, never trained on) and on as many training captions: the scorer's mean cosine similarity of
   each image with its prompt, and how often its prompt is retrieved first / in the first five among `candidates`
-  captions (the evaluated ones, then distractors drawn from the whole folder);
+  (`--retrieval-captions`) captions (the evaluated ones, then distractors drawn from the whole folder);
 * FD-EffNetLite0: the Frechet distance between the generated and the real images of the same split captions, on
   EfficientNet-Lite0 features. Not comparable with published FID: another network, and far fewer samples, which
   inflates it; compare it only between runs with the same settings;
@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from muse.data.captions import EVAL_TEMPLATES, caption_of
-from muse.options import PRECISIONS, SamplingOptions, add_option_arguments, given_options
+from muse.options import (PRECISIONS, SamplingOptions, add_option_arguments, default_device, deprecated_alias,
+                          given_options)
 from muse.progress import progress
 from persist import atomic_write_json, atomic_write_text
 
@@ -572,10 +573,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="guidance scales of the settings grid (default: 1, i.e. none, half the model's and the model's)")
     parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts, metavar="N",
                         help="captions per evaluated set")
-    parser.add_argument("--candidates", type=int, default=defaults.candidates, metavar="N",
-                        help="captions a prompt is retrieved among")
-    parser.add_argument("--best-of", type=int, default=defaults.best_of, metavar="N",
-                        help="candidates per image in the best-of-N comparison (1 skips it)")
+    # Best-of-N is --num-candidates everywhere (`muse generate`, the API's num_candidates); the retrieval pool says
+    # what it is. The old spellings, where --candidates meant the pool, are kept with a warning for one version.
+    parser.add_argument("--retrieval-captions", dest="candidates", type=int, default=defaults.candidates,
+                        metavar="N", help="captions a prompt is retrieved among (prompt fidelity's top-1 / top-5)")
+    parser.add_argument("--num-candidates", dest="best_of", type=int, default=defaults.best_of, metavar="N",
+                        help="best-of-N: candidates per image in the best-of-N comparison (1 skips it)")
+    deprecated_alias(parser, "--candidates", "--retrieval-captions", dest="candidates", type=int)
+    deprecated_alias(parser, "--best-of", "--num-candidates", dest="best_of", type=int)
     parser.add_argument("--num-recon", type=int, default=defaults.num_recon, metavar="N",
                         help="images for the reconstruction PSNR (0 skips it)")
     parser.add_argument("--num-inpaint", type=int, default=defaults.num_inpaint, metavar="N",
@@ -583,7 +588,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
                         help="images per pipeline call")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="image i of a caption set has seed SEED + i")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, mps, ... (default: the GPU when there is one, else cpu)")
     parser.add_argument("--prompt-templates", nargs="+", default=list(defaults.prompt_templates), metavar="TEMPLATE",
                         help="generate from the rows' captions in other words: caption templates over {label}, "
                              "{a_label}, {style} and {keywords}, used in turn, or 'eval' for the held-out phrasings "
@@ -609,16 +615,15 @@ def main(args: argparse.Namespace) -> None:
             prompt_templates=tuple(t for name in args.prompt_templates
                                    for t in (EVAL_TEMPLATES if name == "eval" else [name])),
         )
-        import torch
-
         from muse.pipeline import MusePipeline
         from muse.scorer import PromptScorer
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = args.device or default_device()
         pipe = MusePipeline.from_pretrained(args.model)
         if args.precision is not None:
             pipe.config = dataclasses.replace(pipe.config, precision=args.precision)
         pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)  # the evaluation's own bars count its images
         config = dataclasses.replace(config, options=pipe.options(**given_options(args)))
         scorer = PromptScorer.load(args.scorer, device=device) if args.scorer is not None else pipe.scorer
         scorer_name = args.scorer if args.scorer is not None else (None if scorer is None else "the model's scorer/")

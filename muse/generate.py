@@ -45,7 +45,7 @@ from typing import Iterator
 from PIL import Image
 
 from muse.bundled import bundled_sampling_defaults
-from muse.options import add_option_arguments, given_options
+from muse.options import PRECISIONS, add_option_arguments, deprecated_alias, given_options
 from muse.requests import (REQUESTS, EditRequest, GenerateRequest, InpaintRequest, OutpaintRequest, Request,
                            UpscaleRequest, add_request_arguments, given_request)
 from persist import atomic_write, atomic_write_text
@@ -76,9 +76,14 @@ class Item:
 def _add_model_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--model", default=None, metavar="PATH",
                         help="saved pipeline directory or bundled preset name (default: the bundled model)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: this rank's GPU, else cpu)")
-    parser.add_argument("--dtype", default=None, choices=DTYPES,
-                        help="dtype of every component (default: the model's config.precision)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, mps, ... (default: the GPU when there is one, this rank's under "
+                             "torchrun; else cpu)")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="arithmetic of the token models (auto: bfloat16 where the device runs it fast; default: "
+                             "the model's config.precision)")
+    # The old spelling: every component cast to DTYPE, float16 included. Kept, with a warning, for one version.
+    deprecated_alias(parser, "--dtype", "--precision", dest="dtype", default=None, choices=DTYPES)
     parser.add_argument("--out", type=Path, default=None, metavar="DIR|FILE",
                         help=f"output directory (default: {default_out}), or an image file name (.png, .jpg, .jpeg, "
                              ".webp) for a single prompt: with --num-images N > 1, NAME-0.png ... NAME-{N-1}.png")
@@ -151,6 +156,21 @@ def _same_image(item: Item, record: dict, parameters: dict) -> bool:
             and (item.seed is None or record.get("seed") == item.seed))
 
 
+def _difference(item: Item, record: dict, parameters: dict) -> str:
+    """What makes a manifest record another image than `item` with `parameters`, each field with the folder's value
+    and this run's: "num_candidates 8 there, 3 now". The first three differences, then how many more."""
+    there, now = {"prompt": record.get("prompt")}, {"prompt": item.prompt}
+    if item.seed is not None:
+        there["seed"], now["seed"] = record.get("seed"), item.seed
+    saved = record.get("parameters")
+    saved = saved if isinstance(saved, dict) else {}
+    for name in sorted(set(saved) | set(parameters)):
+        there[name], now[name] = saved.get(name, "unset"), parameters.get(name, "unset")
+    differing = [f"{name} {there[name]!r} there, {now[name]!r} now" for name in there if there[name] != now[name]]
+    shown = "; ".join(differing[:3]) + (f" and {len(differing) - 3} more" if len(differing) > 3 else "")
+    return shown or "its record"
+
+
 def _is_done(item: Item, record: dict | None, parameters: dict, out: Path) -> bool:
     """Made already: its record matches, and its file is an intact image (a truncated one is made again)."""
     from muse.data.folder import readable
@@ -196,14 +216,15 @@ def _fail(command: str, error: Exception) -> SystemExit:
     return SystemExit(f"muse {command}: {error}")
 
 
-def _load_pipeline(args: argparse.Namespace, command: str, local_rank: int = 0):
+def _load_pipeline(args: argparse.Namespace, command: str):
     import torch
 
+    from muse.options import default_device
     from muse.pipeline import MusePipeline
 
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     try:
-        pipe = MusePipeline.from_pretrained(args.model)
+        pipe = MusePipeline.from_pretrained(args.model, precision=args.precision)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise _fail(command, e) from None
     return pipe.to(device, None if args.dtype is None else getattr(torch, args.dtype))
@@ -370,7 +391,8 @@ def generate_main(args: argparse.Namespace) -> None:
 
         # Only for the final barrier; a long timeout because shards can be unbalanced by images already done.
         dist.init_process_group("gloo", timeout=timedelta(days=7))
-    pipe = _load_pipeline(args, "generate", int(os.environ.get("LOCAL_RANK", "0")))
+    pipe = _load_pipeline(args, "generate")
+    pipe.set_progress_bar_config(disable=True)  # the run's own bar counts images; one bar per call would nest in it
     try:
         resolved = pipe.options(**options)
     except (ValueError, TypeError) as e:
@@ -386,9 +408,10 @@ def generate_main(args: argparse.Namespace) -> None:
     mine = list(_items(prompts, args.num_images, args.seed, rank, world))
     others = [item for item in mine if item.index in done and not _same_image(item, done[item.index], parameters)]
     if others and not args.overwrite:
-        raise SystemExit(f"muse generate: {out} already holds {len(others)} of these images made with another prompt, "
-                         f"seed or settings (e.g. {others[0].file}: {done[others[0].index].get('prompt')!r}); use "
-                         "another --out, or --overwrite to replace them")
+        first = others[0]
+        raise SystemExit(f"muse generate: {out} already holds {len(others)} of these images made with another "
+                         f"prompt, seed or settings ({first.file}: {_difference(first, done[first.index], parameters)})"
+                         "; use another --out, or --overwrite to replace them")
     todo = [item for item in mine if not _is_done(item, done.get(item.index), parameters, out)]
 
     start = time.perf_counter()

@@ -212,8 +212,8 @@ def _hub_download(repo_id: str) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         raise OSError(f"{repo_id!r} is neither a local directory nor in the Hugging Face cache, and downloading it "
                       f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). With internet, run "
-                      f"it once to cache it (or `huggingface-cli download {repo_id}`); offline, copy a download and "
-                      "pass its directory") from None
+                      f"it once to cache it (or `hf download {repo_id}`, the command huggingface-hub installs); "
+                      "offline, copy a download and pass its directory") from None
 
 
 def load_named(name: str, path: Path, load: Callable[[Path], Any]) -> Any:

@@ -15,7 +15,9 @@ import dataclasses
 import difflib
 import math
 import numbers
+import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -28,6 +30,19 @@ if TYPE_CHECKING:
 GUIDANCE_SCHEDULES = ("constant", "linear")
 # "auto" is bfloat16 where the device multiplies it fast (`fast_bfloat16`), float32 elsewhere.
 PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+def default_device() -> str:
+    """The device every entry point uses unless told otherwise (`muse generate`, the editing commands, `muse eval`,
+    `muse serve`): the GPU when torch sees one -- under torchrun this process's, `cuda:$LOCAL_RANK` --, else Apple's
+    mps, else "cpu". Written once, here, so that no two commands disagree."""
+    import torch  # here, not at the top: see above
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def fast_bfloat16(device: Any) -> bool:
@@ -72,9 +87,12 @@ class Guidance:
         return self.scale
 
 
-def _option(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple | None = None) -> Any:
-    """A field of `SamplingOptions` with the text every entry point shows for it."""
-    return field(default=default, metadata={"help": help, "flags": flags, "choices": choices})
+def _option(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple | None = None,
+            deprecated: tuple[str, ...] = ()) -> Any:
+    """A field of `SamplingOptions` with the text every entry point shows for it. `deprecated`: old spellings of its
+    flag, still accepted for one version with a warning (`deprecated_alias`)."""
+    return field(default=default, metadata={"help": help, "flags": flags, "choices": choices,
+                                            "deprecated": deprecated})
 
 
 @dataclass(frozen=True)
@@ -95,11 +113,13 @@ class SamplingOptions:
     mask_schedule: str = _option("cosine", "how many tokens stay masked after each step: a name of "
                                            "sampling.SCHEDULES (cosine, linear, square, cubic, sqrt, arccos)")
     superres_steps: int = _option(8, "super-resolution decoding steps (Muse: 8)")
-    stages: int | None = _option(None, "1: base stage only; 2: with super-resolution (default: every stage the "
-                                       "pipeline has)", choices=(1, 2))
+    # None: every stage the pipeline has. Not said in the help: a flag's help shows the model's saved default, which
+    # is what applies (the bundled model saves 1), and two defaults in one line contradict each other.
+    stages: int | None = _option(None, "1: base stage only; 2: with super-resolution (a model that sets neither "
+                                       "runs every stage it has)", choices=(1, 2))
     num_candidates: int = _option(1, "best-of-N: make N candidates per image and keep the one the pipeline's scorer "
                                      "rates best (its log-likelihood without a scorer); a pipeline's default applies "
-                                     "to generation, editing tasks make one unless asked", flags=("--candidates",))
+                                     "to generation, editing tasks make one unless asked", deprecated=("--candidates",))
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "superres_steps", "num_candidates"):
@@ -280,6 +300,30 @@ def add_option_arguments(
                            choices=f.metadata["choices"], default=argparse.SUPPRESS,
                            metavar=None if f.metadata["choices"] else f.name.upper(),
                            help=f.metadata["help"] + shown)
+        for old in f.metadata["deprecated"]:
+            deprecated_alias(group, old, option_flags(f.name)[0], dest=f"option_{f.name}",
+                             type=_base_type(types[f.name]), choices=f.metadata["choices"], default=argparse.SUPPRESS)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: stores its value as the new flag does, with a FutureWarning naming the new one."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        warnings.warn(f"{option_string} is deprecated and will be removed in the next version; use {self.new}",
+                      FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
+
+
+def deprecated_alias(parser: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, new: str, *, dest: str,
+                     **kwargs: Any) -> None:
+    """Accept `old`, a flag renamed to `new`, for one more version: it sets `dest` as `new` does (same `type`,
+    `choices`, `default` in `kwargs`) and warns to use `new`. Hidden from --help, so the help shows one name."""
+    parser.add_argument(old, action=_DeprecatedAlias, new=new, dest=dest, help=argparse.SUPPRESS, **kwargs)
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -59,11 +60,12 @@ from torch import Tensor, nn
 from muse import inputs
 from muse.bundled import bundled_presets  # noqa: F401 - re-exported: `from muse.pipeline import bundled_presets`
 from muse.components import ROLES, BaseTransformer, ImageTokenizer, SuperResModel, check_components
-from muse.engine import Engine, Event, Job, ScoreJob, Task, TaskHandle, TaskSteps
+from muse.engine import Engine, Event, Job, ScoreJob, Step, Task, TaskHandle, TaskSteps
 from muse.guidance import with_unconditional
 from muse.inputs import MAX_SEED, ImageInput, MaskInput
 from muse.loading import SCORER_DIR, PipelineConfig, load_scorer, read_pipeline, save_pipeline
 from muse.options import SamplingOptions, fast_bfloat16
+from muse.progress import progress
 from muse.requests import (REQUESTS, EditRequest, GenerateRequest, InpaintRequest, OutpaintRequest, Request, Scorer,
                            UpscaleRequest)
 from sampling import (Window, composite, edit_mask, feathered_composite_weights, masked_grid, outpaint_canvas,
@@ -76,7 +78,10 @@ __all__ = ["MusePipeline", "PipelineConfig", "PipelineOutput", "Scorer", "SCORER
 
 @dataclass
 class PipelineOutput:
-    images: list[Image.Image]     # one per row: prompt-major, then image index
+    # One per row: prompt-major, then image index. In the request's `output_type`: a list of PIL images ("pil"), a
+    # float32 array (B, H, W, 3) in [0, 1] ("np"), a float32 tensor (B, 3, H, W) in [0, 1] ("pt"), or the tokens
+    # (B, h, w) ("tokens", "latent"). np and pt are the PIL images' values / 255, exactly.
+    images: list[Image.Image] | np.ndarray | Tensor
     tokens: Tensor                # (B, h, w) long tokens of the last stage that ran
     seeds: list[int]              # the seed of each image; pass them back to reproduce it
     prompts: list[str]            # the prompt of each image
@@ -96,6 +101,15 @@ class _Call:
     image_seeds: list[int]        # the seed of each output image (B / num_candidates of them)
     options: SamplingOptions
     stages: int
+    output_type: str = "pil"
+    decode: bool = True            # whether the VQGAN decodes the tokens to pixels (not for tokens alone)
+    prompt_embeds: TextEmbedding | None = None  # one row per prompt of `prompts` (B / (num_images x n) rows)
+
+    @property
+    def row_keys(self) -> tuple[str, ...] | None:
+        """Keys of equal text rows for the engine (a prompt names its row); None with precomputed embeddings, which
+        a prompt's text does not name."""
+        return tuple(self.text_rows) if self.prompt_embeds is None else None
 
     @property
     def guided(self) -> bool:
@@ -143,6 +157,7 @@ class MusePipeline:
         self.superres_vqgan = None if superres_vqgan is None else superres_vqgan.eval()
         self.config = config or PipelineConfig()
         self.engine = Engine()
+        self._progress_bar_config: dict[str, Any] = {}  # `set_progress_bar_config`
         self._scorer = scorer
         self._scorer_dir: Path | None = None  # a saved PromptScorer not loaded yet (from_pretrained)
         check_components(self.vqgan, self.text_encoder, self.transformer, self.superres, self.superres_vqgan,
@@ -170,6 +185,29 @@ class MusePipeline:
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The token models' dtype: the arithmetic of sampling (`config.precision`, or `to(dtype=...)`). The VQGAN
+        and the text encoder may hold another (float32 unless moved with a dtype)."""
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The named parts, as `MusePipeline(**pipe.components, config=pipe.config)` takes them: vqgan,
+        text_encoder, transformer, superres, superres_vqgan (None when absent) and the default best-of-N scorer
+        (loaded now if the pipeline directory saved one)."""
+        return {"vqgan": self.vqgan, "text_encoder": self.text_encoder, "transformer": self.transformer,
+                "superres": self.superres, "superres_vqgan": self.superres_vqgan, "scorer": self.scorer}
+
+    def set_progress_bar_config(self, **config: Any) -> None:
+        """Options of the progress bar that the task methods show over their decoding steps (on a terminal only):
+        `disable=True` turns it off, other keys are tqdm's (`desc`, `leave`, `position`, ...), as in diffusers.
+        `submit` never shows one: its caller has the step events."""
+        fixed = sorted({"total", "initial", "file", "dynamic_ncols"} & set(config))
+        if fixed:
+            raise TypeError(f"the progress bar sets {', '.join(fixed)} itself (it counts the task's steps on stderr)")
+        self._progress_bar_config = dict(config)
 
     @property
     def scorer(self) -> Scorer | None:
@@ -257,9 +295,18 @@ class MusePipeline:
         save_pipeline(path, {role: getattr(self, role) for role in ROLES}, self.text_encoder, self.config, scorer,
                       dtype)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MusePipeline:
+    def to(self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None
+           ) -> MusePipeline:
         """Move every component (in place) and return the pipeline. Without `dtype`, the token models take the
-        dtype `config.precision` chooses for the new device."""
+        dtype `config.precision` chooses for the new device. As with torch, a dtype may come first: `pipe.to(
+        torch.float32)` is `pipe.to(dtype=torch.float32)`."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError(f"to() got two dtypes ({device} and dtype={dtype}); give a device and a dtype, as "
+                                "pipe.to('cuda', torch.float16)")
+            device, dtype = None, device
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
         for module in (self.vqgan, self.transformer, self.superres, self.superres_vqgan):
             if module is not None:
                 module.to(device=device, dtype=dtype)
@@ -282,6 +329,11 @@ class MusePipeline:
         no base-stage option). What a server or a queue builds from a call's keywords."""
         if task not in REQUESTS:
             raise ValueError(f"unknown task {task!r}; the tasks are {', '.join(REQUESTS)}")
+        if "generator" in arguments:
+            # A generator is one stream for the batch: an image would depend on its place in it.
+            raise TypeError("generator is not taken: every image draws from its own seed, so it is the same "
+                            "whatever batch it is made in. Pass seed=S (image k gets S + k) or seed=[...] (one per "
+                            "image); PipelineOutput.seeds records them")
         cls = REQUESTS[task]
         own = {f.name for f in dataclasses.fields(cls)} - {"prompt", "options"}
         for name in cls.excluded_options:
@@ -307,6 +359,34 @@ class MusePipeline:
                  UpscaleRequest: self._upscale_task}[type(request)]
         return build(request)
 
+    def _run(self, request: Request, on_step: Callable[[Step], None] | None) -> PipelineOutput:
+        """Run `request`'s task to the end on this thread, with a progress bar over its decoding steps (on a terminal
+        only, `set_progress_bar_config`) and `on_step` called with every `Step` event.
+
+        The bar's total grows as the task's jobs start (a cascade's second stage, an outpainting window: a task does
+        not know its jobs in advance); a job whose rows all finish early fills its remaining steps at once."""
+        task = self.task(request)
+        failure: list[BaseException] = []
+        config = {"desc": request.task, "unit": "step", **self._progress_bar_config}
+        with progress(total=0, **config) as bar:
+            def on_event(event: Event) -> None:
+                if not isinstance(event, Step):
+                    return
+                if event.index == 1:
+                    bar.total += event.num_steps
+                    bar.refresh()
+                bar.update(event.num_steps - event.index + 1 if event.masked == 0 else 1)
+                if on_step is not None and not failure:
+                    try:
+                        on_step(event)
+                    except Exception as error:  # the engine logs and swallows a listener's errors: keep it
+                        failure.append(error)
+
+            out = self.engine.run(task, on_event)
+        if failure:
+            raise failure[0]
+        return out
+
     def submit(self, request: Request | Task, on_event: Callable[[Event], None] | None = None) -> TaskHandle:
         """Start a request's task (or a task already built by `task`) without waiting for it (`engine.submit`)."""
         return self.engine.submit(self.task(request) if isinstance(request, Request) else request, on_event)
@@ -319,6 +399,9 @@ class MusePipeline:
         seed: int | Sequence[int] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         scorer: Scorer | None = None,
+        output_type: str = "pil",
+        prompt_embeds: TextEmbedding | None = None,
+        on_step: Callable[[Step], None] | None = None,
         options: SamplingOptions | None = None,
         **overrides: Any,
     ) -> PipelineOutput:
@@ -331,10 +414,18 @@ class MusePipeline:
 
         `num_candidates` > 1 makes that many candidates per image and keeps the best by `scorer` (None: `self.scorer`,
         else the model's mean token log-probability); see the module docstring for the candidates' seeds.
+
+        As in diffusers, and the same for every task: `output_type` is the form of `images` ("pil", "np", "pt", or
+        "tokens" / "latent" without the VQGAN decode; see `PipelineOutput`); `prompt_embeds` (a `TextEmbedding`, one
+        row per prompt, from `pipe.text_encoder(prompts)`) replaces encoding the prompts; `on_step` is called with
+        every decoding step's `muse.engine.Step` event (on the thread that drives the engine; it observes, and an
+        exception it raises is raised by the call once the task has ended). A progress bar counts the steps on a
+        terminal (`set_progress_bar_config(disable=True)` turns it off). There is no `generator`: `seed` reproduces
+        an image whatever batch it is in.
         """
-        return self.engine.run(self.task(self.request(
+        return self._run(self.request(
             "generate", prompt, num_images=num_images, seed=seed, negative_prompt=negative_prompt, scorer=scorer,
-            options=options, **overrides)))
+            output_type=output_type, prompt_embeds=prompt_embeds, options=options, **overrides), on_step)
 
     def inpaint(
         self,
@@ -346,6 +437,9 @@ class MusePipeline:
         seed: int | Sequence[int] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         scorer: Scorer | None = None,
+        output_type: str = "pil",
+        prompt_embeds: TextEmbedding | None = None,
+        on_step: Callable[[Step], None] | None = None,
         options: SamplingOptions | None = None,
         **overrides: Any,
     ) -> PipelineOutput:
@@ -361,9 +455,10 @@ class MusePipeline:
         over the input with a `config.seam`-pixel feather: pixels farther than that from the regenerated tokens are
         the input's, bit for bit.
         """
-        return self.engine.run(self.task(self.request(
+        return self._run(self.request(
             "inpaint", prompt, image=image, mask=mask, num_images=num_images, seed=seed,
-            negative_prompt=negative_prompt, scorer=scorer, options=options, **overrides)))
+            negative_prompt=negative_prompt, scorer=scorer, output_type=output_type, prompt_embeds=prompt_embeds,
+            options=options, **overrides), on_step)
 
     def outpaint(
         self,
@@ -375,6 +470,9 @@ class MusePipeline:
         seed: int | Sequence[int] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         scorer: Scorer | None = None,
+        output_type: str = "pil",
+        prompt_embeds: TextEmbedding | None = None,
+        on_step: Callable[[Step], None] | None = None,
         options: SamplingOptions | None = None,
         **overrides: Any,
     ) -> PipelineOutput:
@@ -384,9 +482,9 @@ class MusePipeline:
         The canvas may be larger than the model's grid: it is decoded window by window, each window overlapping what
         is already known, growing outward from the image. The original pixels are kept exactly.
         """
-        return self.engine.run(self.task(self.request(
-            "outpaint", prompt, image=image, pad=pad, num_images=num_images, seed=seed,
-            negative_prompt=negative_prompt, scorer=scorer, options=options, **overrides)))
+        return self._run(self.request(
+            "outpaint", prompt, image=image, pad=pad, num_images=num_images, seed=seed, negative_prompt=negative_prompt,
+            scorer=scorer, output_type=output_type, prompt_embeds=prompt_embeds, options=options, **overrides), on_step)
 
     def edit(
         self,
@@ -400,6 +498,9 @@ class MusePipeline:
         seed: int | Sequence[int] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         scorer: Scorer | None = None,
+        output_type: str = "pil",
+        prompt_embeds: TextEmbedding | None = None,
+        on_step: Callable[[Step], None] | None = None,
         options: SamplingOptions | None = None,
         **overrides: Any,
     ) -> PipelineOutput:
@@ -411,9 +512,10 @@ class MusePipeline:
         and mode "random", the result is `pipe(prompt, seed=...)`'s). With a super-resolution stage, the high-res
         tokens under every re-masked low-res token are regenerated.
         """
-        return self.engine.run(self.task(self.request(
+        return self._run(self.request(
             "edit", prompt, image=image, strength=strength, iterations=iterations, mode=mode, num_images=num_images,
-            seed=seed, negative_prompt=negative_prompt, scorer=scorer, options=options, **overrides)))
+            seed=seed, negative_prompt=negative_prompt, scorer=scorer, output_type=output_type,
+            prompt_embeds=prompt_embeds, options=options, **overrides), on_step)
 
     def upscale(
         self,
@@ -424,6 +526,9 @@ class MusePipeline:
         seed: int | Sequence[int] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         scorer: Scorer | None = None,
+        output_type: str = "pil",
+        prompt_embeds: TextEmbedding | None = None,
+        on_step: Callable[[Step], None] | None = None,
         options: SamplingOptions | None = None,
         **overrides: Any,
     ) -> PipelineOutput:
@@ -432,9 +537,9 @@ class MusePipeline:
         super-res transformer, which decodes the high-res grid from scratch in `superres_steps` steps. Any image
         works, not only the base stage's own; a larger one is decoded window by window. `low_res_tokens` holds the
         input's tokens. The base stage's options (num_steps, stages) do not apply."""
-        return self.engine.run(self.task(self.request(
+        return self._run(self.request(
             "upscale", prompt, image=image, num_images=num_images, seed=seed, negative_prompt=negative_prompt,
-            scorer=scorer, options=options, **overrides)))
+            scorer=scorer, output_type=output_type, prompt_embeds=prompt_embeds, options=options, **overrides), on_step)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Task builders: the checks that depend on this pipeline, then the task's steps
@@ -509,6 +614,10 @@ class MusePipeline:
         # Candidate j of the image with seed s: seed (s * n + j) mod 2**32, so distinct images' candidates never share
         # a seed (below 2**32 / n), and n = 1 is the image's own seed.
         seeds = ((seeds[:, None] * n + torch.arange(n, device=self.device)) % MAX_SEED).flatten()  # (B,)
+        # Tokens alone skip the VQGAN decode, unless a best-of-N scorer must see the images to choose (then the
+        # choice, and so the tokens, are the same whatever the output type).
+        decode = request.output_type not in ("tokens", "latent") or (
+            n > 1 and (request.scorer is not None or self.scorer is not None))
         return _Call(
             prompts=[p for p in prompts for _ in range(num_images * n)],
             negatives=[q for q in negatives for _ in range(num_images * n)],
@@ -516,7 +625,30 @@ class MusePipeline:
             image_seeds=image_seeds,
             options=options,
             stages=self._resolve_stages(options.stages),
+            output_type=request.output_type,
+            decode=decode,
+            prompt_embeds=None if request.prompt_embeds is None else self._prompt_embeds(request.prompt_embeds,
+                                                                                          len(prompts)),
         )
+
+    def _prompt_embeds(self, embeds: TextEmbedding, num_prompts: int) -> TextEmbedding:
+        """`prompt_embeds` (one row per request prompt) checked against this pipeline's text encoder -- the rows an
+        encoding of "" has: length, width, pooled vector -- and broadcast to `num_prompts` rows (one prompt paired
+        with several images), on the encoder's device and dtype."""
+        like = self.text_encoder([""])
+        if embeds.states.shape[1:] != like.states.shape[1:] or (embeds.pooled is None) != (like.pooled is None) or (
+                like.pooled is not None and embeds.pooled.shape[1:] != like.pooled.shape[1:]):
+            shape = lambda e: f"states (N, {', '.join(map(str, e.states.shape[1:]))})" + (
+                "" if e.pooled is None else f", pooled (N, {e.pooled.shape[-1]})")
+            raise ValueError(f"prompt_embeds has {shape(embeds)}, but this pipeline's text encoder makes "
+                             f"{shape(like)}; make them with pipe.text_encoder(prompts)")
+        rows = embeds.states.shape[0]
+        if rows != num_prompts:  # one prompt for several images (`inputs.paired`); other counts were refused
+            embeds = TextEmbedding(*(None if t is None else t.expand(num_prompts, *t.shape[1:])
+                                     for t in (embeds.states, embeds.mask, embeds.pooled)))
+        to = dict(device=like.states.device)
+        return TextEmbedding(embeds.states.to(**to, dtype=like.states.dtype), embeds.mask.to(**to),
+                             None if embeds.pooled is None else embeds.pooled.to(**to, dtype=like.pooled.dtype))
 
     def _image_input(self, image: ImageInput) -> Tensor:
         """(N, 3, H, W) images within `limits.max_pixels` (files and bytes checked from their header)."""
@@ -542,7 +674,7 @@ class MusePipeline:
             high = self._masked(B, (g * self._scale, g * self._scale), self.superres.config.mask_token_id)
         low, high, log_prob = yield from self._sample(call, low, high)
         tokens = low if high is None else high
-        images = _to_pil(self._decode_pixels(tokens, call.stages))
+        images = _to_pil(self._decode_pixels(tokens, call.stages)) if call.decode else []
         return self._output(images, tokens, call, low if high is not None else None), log_prob
 
     def _inpaint(self, call: _Call, images: Tensor, masks: Tensor) -> TaskSteps:
@@ -563,6 +695,8 @@ class MusePipeline:
             high = masked_grid(self._encode(self.high_vqgan, blanked), region, self.superres.config.mask_token_id)
         low, high, log_prob = yield from self._sample(call, low, high)
         tokens = low if high is None else high
+        if not call.decode:
+            return self._output([], tokens, call, low if high is not None else None), log_prob
         generated = self._decode_pixels(tokens, call.stages)
         weights = feathered_composite_weights(region.cpu(), region_stride, self.config.seam)
         pixels = composite(generated, images, weights)
@@ -581,6 +715,8 @@ class MusePipeline:
             high, region = high_canvas.tokens, high_canvas.mask
         low, high, log_prob = yield from self._sample(call, low, high)
         tokens = low if high is None else high
+        if not call.decode:
+            return self._output([], tokens, call, low if high is not None else None), log_prob
         generated = self._decode_pixels(tokens, call.stages)
         left, top, right, bottom = pad
         original = F.pad(images, (left, right, top, bottom))  # (B, 3, H', W'), only read where the weight is 0
@@ -614,7 +750,7 @@ class MusePipeline:
             high, high_log_prob = yield from self._superres_fill(masked, low, text, call)
             log_prob = (log_prob + high_log_prob) / 2
         tokens = low if high is None else high
-        images = _to_pil(self._decode_pixels(tokens, call.stages))
+        images = _to_pil(self._decode_pixels(tokens, call.stages)) if call.decode else []
         return self._output(images, tokens, call, low if high is not None else None), log_prob
 
     def _upscale(self, call: _Call, images: Tensor) -> TaskSteps:
@@ -622,11 +758,16 @@ class MusePipeline:
         r = self._scale
         high = self._masked(low.shape[0], (low.shape[1] * r, low.shape[2] * r), self.superres.config.mask_token_id)
         high, log_prob = yield from self._superres_fill(high, low, self._text(call), call)
-        return self._output(_to_pil(self._decode_pixels(high, 2)), high, call, low), log_prob
+        images = _to_pil(self._decode_pixels(high, 2)) if call.decode else []
+        return self._output(images, high, call, low), log_prob
 
     def _best_of(self, steps: TaskSteps, call: _Call, scorer: Scorer | None, unchanged: bool = False) -> TaskSteps:
         """The task's steps, then, with several candidates per image, the one of every n consecutive rows with the
-        highest score (the first on a tie). `unchanged`: the result is the input image itself, nothing to choose."""
+        highest score (the first on a tie), its images in the call's `output_type`. `unchanged`: the result is the
+        input image itself, nothing to choose."""
+        return _in_output_type((yield from self._choose(steps, call, scorer, unchanged)), call.output_type)
+
+    def _choose(self, steps: TaskSteps, call: _Call, scorer: Scorer | None, unchanged: bool) -> TaskSteps:
         out, log_prob = yield from steps
         n = call.num_candidates
         if n == 1 or unchanged:
@@ -649,7 +790,7 @@ class MusePipeline:
         picked = rows.tolist()
         index = rows.to(out.tokens.device)
         return PipelineOutput(
-            images=[out.images[r] for r in picked],
+            images=[out.images[r] for r in picked] if out.images else [],  # none: tokens without a decode
             tokens=out.tokens[index],
             seeds=out.seeds[::n],
             prompts=[out.prompts[r] for r in picked],
@@ -662,8 +803,17 @@ class MusePipeline:
     # The shared machinery
 
     def _text(self, call: _Call) -> TextEmbedding:
-        """The text of every row, encoded once: B conditional rows, then B unconditional ones when guided."""
-        return self.text_encoder(call.text_rows)
+        """The text of every row, encoded once: B conditional rows, then B unconditional ones when guided. With
+        `prompt_embeds`, those are the conditional rows, and the unconditional ones the encoded negative prompts."""
+        if call.prompt_embeds is None:
+            return self.text_encoder(call.text_rows)
+        given = call.prompt_embeds
+        rows = [TextEmbedding(call.repeat(given.states), call.repeat(given.mask),
+                              None if given.pooled is None else call.repeat(given.pooled))]  # (B, S, D) ...
+        if call.guided:
+            rows.append(self.text_encoder(call.negatives))
+        return TextEmbedding(torch.cat([r.states for r in rows]), torch.cat([r.mask for r in rows]),
+                             None if given.pooled is None else torch.cat([r.pooled for r in rows]))
 
     def _sample(self, call: _Call, low: Tensor, high: Tensor | None) -> TaskSteps:
         """Fill the mask tokens of the base grid `low` (B, h, w) and then, when given, of the super-res grid `high`
@@ -684,7 +834,7 @@ class MusePipeline:
         g = self.transformer.config.grid_size
         return (yield from self._decode_windows(
             grid, self.transformer, lambda window: context, (g, g), self._overlap(g), call, stage=0,
-            iteration=iteration, row_keys=tuple(call.text_rows),
+            iteration=iteration, row_keys=call.row_keys,
         ))
 
     def _superres_fill(self, high: Tensor, low: Tensor, text: TextEmbedding, call: _Call) -> TaskSteps:
@@ -825,6 +975,19 @@ def _substream(seeds: Tensor, stage: int, iteration: int, window: int) -> Tensor
     decoder's hash folds in both halves)."""
     tag = ((stage * 1_000_003 + iteration) * 1_000_003 + window) % (2**31 - 1)
     return seeds + (tag << 32)
+
+
+def _in_output_type(out: PipelineOutput, output_type: str) -> PipelineOutput:
+    """`out` with its images (PIL) in `output_type` (`PipelineOutput.images`). From the PIL images, so every form
+    holds the same values: np and pt are the 8-bit pixels / 255, and an inpainted image's kept pixels stay exact."""
+    if output_type == "pil":
+        return out
+    if output_type in ("tokens", "latent"):
+        return dataclasses.replace(out, images=out.tokens)
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in out.images]) / np.float32(255)  # (B, H, W, 3)
+    if output_type == "np":
+        return dataclasses.replace(out, images=array)
+    return dataclasses.replace(out, images=torch.from_numpy(array).permute(0, 3, 1, 2).contiguous())  # (B, 3, H, W)
 
 
 def _to_pil(pixels: Tensor) -> list[Image.Image]:

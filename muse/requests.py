@@ -31,9 +31,12 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from muse.inputs import ImageInput, MaskInput
+    from transformer.text import TextEmbedding
 
 # Best-of-N: (images, prompts) -> (B,) scores, higher is better. `muse.scorer.PromptScorer` is one.
 Scorer = Callable[[list["Image.Image"], list[str]], "Tensor"]
+
+OUTPUT_TYPES = ("pil", "np", "pt", "tokens", "latent")  # "latent": diffusers' name for the tokens
 
 # This module imports no torch (`muse.inputs` does, and is imported when a request is made), so that `muse X --help`,
 # which builds its flags from these fields, starts at once.
@@ -94,6 +97,16 @@ class Request:
     scorer: Scorer | None = _field(
         None, help="best-of-N: (images, prompts) -> (B,) scores, higher is better (default: the pipeline's scorer, "
                    "else the model's mean token log-probability)")
+    # What the API returns, not what is made: the tokens, seeds and pixels are the same whatever the form. Not in JSON
+    # nor on the command line, which write image files.
+    output_type: str = _field(
+        "pil", help="the form of `PipelineOutput.images`: pil (PIL images), np (a float32 array (B, H, W, 3) in "
+                    "[0, 1]), pt (a float32 tensor (B, 3, H, W) in [0, 1]), or tokens / latent (the (B, h, w) token "
+                    "grids, the VQGAN decode skipped unless a best-of-N scorer must see the images)")
+    prompt_embeds: TextEmbedding | None = _field(
+        None, help="the prompts already encoded, one row per prompt (`pipe.text_encoder(prompts)`, possibly "
+                   "edited); used instead of encoding `prompt`, which still names the images (outputs, the best-of-N "
+                   "scorer). Guidance's unconditional rows are the encoded negative prompt (default: the empty one)")
 
     def __post_init__(self) -> None:
         import muse.inputs as inputs  # torch: imported when a request is made (see the top of the module)
@@ -113,6 +126,10 @@ class Request:
             inputs.prompt_list(self.negative_prompt, "negative_prompt")
         if self.scorer is not None and not callable(self.scorer):
             raise TypeError(f"scorer must be a callable (images, prompts) -> scores, got {type(self.scorer).__name__}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
+        if self.prompt_embeds is not None:
+            _check_prompt_embeds(self.prompt_embeds, len(self.prompts))
         # Lists become tuples: a request is a value, which nobody can change after it was checked.
         for name in ("prompt", "seed", "negative_prompt"):
             if isinstance(getattr(self, name), list):
@@ -122,6 +139,30 @@ class Request:
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+def _check_prompt_embeds(embeds: Any, num_prompts: int) -> None:
+    """The form of `prompt_embeds`: a `TextEmbedding` of one row per prompt (that it comes from the pipeline's own
+    text encoder -- its length, width and pooled vector -- is checked by the pipeline's task)."""
+    import torch
+
+    from transformer.text import TextEmbedding
+
+    if not isinstance(embeds, TextEmbedding):
+        raise TypeError(f"prompt_embeds must be a TextEmbedding (pipe.text_encoder(prompts)), got "
+                        f"{type(embeds).__name__}")
+    states, mask = embeds.states, embeds.mask
+    if not (isinstance(states, torch.Tensor) and states.dim() == 3 and states.is_floating_point()):
+        raise ValueError(f"prompt_embeds.states must be a float tensor (N, S, D), got "
+                         f"{getattr(states, 'shape', type(states).__name__)}")
+    if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == states.shape[:2]):
+        raise ValueError(f"prompt_embeds.mask must be a bool tensor {tuple(states.shape[:2])} (N, S), got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+    if states.shape[0] != num_prompts:
+        raise ValueError(f"prompt_embeds has {states.shape[0]} rows for {num_prompts} prompt(s); give one row per "
+                         "prompt")
+    if not bool(torch.isfinite(states).all()):
+        raise ValueError("prompt_embeds.states holds NaN or infinite values")
 
 
 @dataclass(frozen=True, eq=False)

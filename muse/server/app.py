@@ -188,7 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, mps, ... (default: the GPU when there is one, else cpu)")
     add_setting_arguments(parser)
 
 
@@ -215,10 +216,11 @@ def main(args: argparse.Namespace) -> None:
     except OSError as e:
         raise SystemExit(f"muse serve: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from muse.options import default_device
     from muse.pipeline import MusePipeline
 
     try:
-        pipe = MusePipeline.from_pretrained(args.model).to(args.device)
+        pipe = MusePipeline.from_pretrained(args.model).to(args.device or default_device())
         if pipe.config.sampling.num_candidates > 1:
             pipe.scorer  # loaded now: a corrupt scorer must stop the server here, not fail every request later
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:

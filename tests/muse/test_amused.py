@@ -96,7 +96,7 @@ def test_the_engine_batches_amused_jobs_exactly(amused):
 def test_convert_writes_a_musegen_directory_that_loads_the_same(amused_dir, amused, tmp_path):
     from muse import cli
 
-    cli.main(["convert", str(amused_dir), "--out", str(tmp_path / "converted"), "--dtype", "float16"])
+    cli.main(["convert", str(amused_dir), "--out", str(tmp_path / "converted"), "--weights-dtype", "float16"])
     manifest = json.loads((tmp_path / "converted" / "pipeline.json").read_text())
     assert manifest["components"] == {"vqgan": "vqmodel", "transformer": "uvit2d"}
     converted = MusePipeline.from_pretrained(tmp_path / "converted")

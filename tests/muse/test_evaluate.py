@@ -66,7 +66,7 @@ def report(data_dir, exact_pipeline_dir, scorer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     cli.main(["eval", "--model", str(exact_pipeline_dir), "--data", str(data_dir), "--out", str(out),
               "--scorer", str(scorer_dir), "--steps", "2", "4", "--guidance", "1", "3", "--num-prompts", "4",
-              "--best-of", "3", "--num-recon", "3", "--num-inpaint", "3", "--candidates", "5"])
+              "--num-candidates", "3", "--num-recon", "3", "--num-inpaint", "3", "--retrieval-captions", "5"])
     return json.loads((out / "eval.json").read_text()), (out / "eval.md").read_text()
 
 

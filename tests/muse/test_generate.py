@@ -185,7 +185,7 @@ def test_num_candidates_picks_the_best_of_n_and_records_its_score(tiny_pipeline_
         in printed
 
     (tmp_path / "prompts.txt").write_text("a red apple\na dog\n")
-    run("generate", "--prompts", tmp_path / "prompts.txt", "--candidates", 3, "--seed", 5, "--steps", 2,
+    run("generate", "--prompts", tmp_path / "prompts.txt", "--num-candidates", 3, "--seed", 5, "--steps", 2,
         "--out", tmp_path / "out", "--model", tiny_pipeline_dir)
     records = read_manifest(tmp_path / "out")
     assert records[0]["score"] == pytest.approx(expected.scores[0])
@@ -193,7 +193,7 @@ def test_num_candidates_picks_the_best_of_n_and_records_its_score(tiny_pipeline_
     assert records[1]["parameters"]["num_candidates"] == 3
     alone = MusePipeline.from_pretrained(tiny_pipeline_dir)("a red apple", seed=expected.candidate_seeds[0], num_steps=2)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "000000.png")), np.asarray(alone.images[0]))
-    run("generate", "--prompts", tmp_path / "prompts.txt", "--candidates", 3, "--seed", 5, "--steps", 2,
+    run("generate", "--prompts", tmp_path / "prompts.txt", "--num-candidates", 3, "--seed", 5, "--steps", 2,
         "--out", tmp_path / "out", "--model", tiny_pipeline_dir)
     assert "0 new, 2 already done" in capsys.readouterr().out  # best-of-N runs resume too
 
