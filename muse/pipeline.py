@@ -391,20 +391,13 @@ class MusePipeline:
         """Start a request's task (or a task already built by `task`) without waiting for it (`engine.submit`)."""
         return self.engine.submit(self.task(request) if isinstance(request, Request) else request, on_event)
 
-    def __call__(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        num_images: int = 1,
-        seed: int | Sequence[int] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        scorer: Scorer | None = None,
-        output_type: str = "pil",
-        prompt_embeds: TextEmbedding | None = None,
-        on_step: Callable[[Step], None] | None = None,
-        options: SamplingOptions | None = None,
-        **overrides: Any,
-    ) -> PipelineOutput:
+    # The tasks' keyword form. Each method names its own task's fields; `**arguments` takes what every task takes --
+    # the request's shared fields (num_images, seed, negative_prompt, scorer, output_type, prompt_embeds, options;
+    # see `muse.requests.Request`, where their defaults and checks live) and any sampling option by name -- so that
+    # each is defined once, in the request.
+
+    def __call__(self, prompt: str | Sequence[str], *, on_step: Callable[[Step], None] | None = None,
+                 **arguments: Any) -> PipelineOutput:
         """Generate `num_images` images per prompt (`GenerateRequest`).
 
         Images are ordered prompt-major. `seed`: an int gives image i seed + i, a list gives one seed per image,
@@ -423,27 +416,12 @@ class MusePipeline:
         terminal (`set_progress_bar_config(disable=True)` turns it off). There is no `generator`: `seed` reproduces
         an image whatever batch it is in.
         """
-        return self._run(self.request(
-            "generate", prompt, num_images=num_images, seed=seed, negative_prompt=negative_prompt, scorer=scorer,
-            output_type=output_type, prompt_embeds=prompt_embeds, options=options, **overrides), on_step)
+        return self._run(self.request("generate", prompt, **arguments), on_step)
 
-    def inpaint(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        image: ImageInput,
-        mask: MaskInput,
-        num_images: int = 1,
-        seed: int | Sequence[int] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        scorer: Scorer | None = None,
-        output_type: str = "pil",
-        prompt_embeds: TextEmbedding | None = None,
-        on_step: Callable[[Step], None] | None = None,
-        options: SamplingOptions | None = None,
-        **overrides: Any,
-    ) -> PipelineOutput:
-        """Regenerate the part of `image` where `mask` is white (True), guided by the prompt (`InpaintRequest`).
+    def inpaint(self, prompt: str | Sequence[str], *, image: ImageInput, mask: MaskInput,
+                on_step: Callable[[Step], None] | None = None, **arguments: Any) -> PipelineOutput:
+        """Regenerate the part of `image` where `mask` is white (True), guided by the prompt (`InpaintRequest`;
+        `arguments` as for `__call__`).
 
         image: PIL image, path, encoded bytes, numpy (H, W, 3) uint8 or float in [0, 1], or tensor (3, H, W) /
         (N, 3, H, W) in [-1, 1]; H and W multiples of `stride(stages)`. mask: same size, PIL (L or 1) / path / bytes /
@@ -455,91 +433,39 @@ class MusePipeline:
         over the input with a `config.seam`-pixel feather: pixels farther than that from the regenerated tokens are
         the input's, bit for bit.
         """
-        return self._run(self.request(
-            "inpaint", prompt, image=image, mask=mask, num_images=num_images, seed=seed,
-            negative_prompt=negative_prompt, scorer=scorer, output_type=output_type, prompt_embeds=prompt_embeds,
-            options=options, **overrides), on_step)
+        return self._run(self.request("inpaint", prompt, image=image, mask=mask, **arguments), on_step)
 
-    def outpaint(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        image: ImageInput,
-        pad: tuple[int, int, int, int],
-        num_images: int = 1,
-        seed: int | Sequence[int] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        scorer: Scorer | None = None,
-        output_type: str = "pil",
-        prompt_embeds: TextEmbedding | None = None,
-        on_step: Callable[[Step], None] | None = None,
-        options: SamplingOptions | None = None,
-        **overrides: Any,
-    ) -> PipelineOutput:
+    def outpaint(self, prompt: str | Sequence[str], *, image: ImageInput, pad: tuple[int, int, int, int],
+                 on_step: Callable[[Step], None] | None = None, **arguments: Any) -> PipelineOutput:
         """Extend `image` by `pad` = (left, top, right, bottom) pixels, each a multiple of `stride(stages)`
-        (`OutpaintRequest`).
+        (`OutpaintRequest`; `arguments` as for `__call__`).
 
         The canvas may be larger than the model's grid: it is decoded window by window, each window overlapping what
         is already known, growing outward from the image. The original pixels are kept exactly.
         """
-        return self._run(self.request(
-            "outpaint", prompt, image=image, pad=pad, num_images=num_images, seed=seed, negative_prompt=negative_prompt,
-            scorer=scorer, output_type=output_type, prompt_embeds=prompt_embeds, options=options, **overrides), on_step)
+        return self._run(self.request("outpaint", prompt, image=image, pad=pad, **arguments), on_step)
 
-    def edit(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        image: ImageInput,
-        strength: float,
-        iterations: int = 1,
-        mode: str = "random",
-        num_images: int = 1,
-        seed: int | Sequence[int] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        scorer: Scorer | None = None,
-        output_type: str = "pil",
-        prompt_embeds: TextEmbedding | None = None,
-        on_step: Callable[[Step], None] | None = None,
-        options: SamplingOptions | None = None,
-        **overrides: Any,
-    ) -> PipelineOutput:
+    def edit(self, prompt: str | Sequence[str], *, image: ImageInput, strength: float,
+             on_step: Callable[[Step], None] | None = None, **arguments: Any) -> PipelineOutput:
         """Mask-free editing and variations (Muse section 4.3): re-mask a fraction `strength` of the image's tokens
-        and resample them under the new prompt, `iterations` times (`EditRequest`).
+        and resample them under the new prompt, `iterations` times (`EditRequest`, whose `iterations` and `mode` go in
+        `arguments` with the rest as for `__call__`).
 
         mode "random" re-masks tokens chosen by the image's seed; "confidence" re-masks those the model finds least
         likely under the new prompt. strength 0 returns the input unchanged; strength 1 ignores it (with one iteration
         and mode "random", the result is `pipe(prompt, seed=...)`'s). With a super-resolution stage, the high-res
         tokens under every re-masked low-res token are regenerated.
         """
-        return self._run(self.request(
-            "edit", prompt, image=image, strength=strength, iterations=iterations, mode=mode, num_images=num_images,
-            seed=seed, negative_prompt=negative_prompt, scorer=scorer, output_type=output_type,
-            prompt_embeds=prompt_embeds, options=options, **overrides), on_step)
+        return self._run(self.request("edit", prompt, image=image, strength=strength, **arguments), on_step)
 
-    def upscale(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        image: ImageInput,
-        num_images: int = 1,
-        seed: int | Sequence[int] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        scorer: Scorer | None = None,
-        output_type: str = "pil",
-        prompt_embeds: TextEmbedding | None = None,
-        on_step: Callable[[Step], None] | None = None,
-        options: SamplingOptions | None = None,
-        **overrides: Any,
-    ) -> PipelineOutput:
-        """Super-resolve `image` with the super-res stage alone (`UpscaleRequest`): the image, at the base stage's
-        resolution (sides multiples of `stride(1)`), is tokenized by the base VQGAN and its tokens condition the
-        super-res transformer, which decodes the high-res grid from scratch in `superres_steps` steps. Any image
-        works, not only the base stage's own; a larger one is decoded window by window. `low_res_tokens` holds the
-        input's tokens. The base stage's options (num_steps, stages) do not apply."""
-        return self._run(self.request(
-            "upscale", prompt, image=image, num_images=num_images, seed=seed, negative_prompt=negative_prompt,
-            scorer=scorer, output_type=output_type, prompt_embeds=prompt_embeds, options=options, **overrides), on_step)
+    def upscale(self, prompt: str | Sequence[str], *, image: ImageInput,
+                on_step: Callable[[Step], None] | None = None, **arguments: Any) -> PipelineOutput:
+        """Super-resolve `image` with the super-res stage alone (`UpscaleRequest`; `arguments` as for `__call__`): the
+        image, at the base stage's resolution (sides multiples of `stride(1)`), is tokenized by the base VQGAN and its
+        tokens condition the super-res transformer, which decodes the high-res grid from scratch in `superres_steps`
+        steps. Any image works, not only the base stage's own; a larger one is decoded window by window.
+        `low_res_tokens` holds the input's tokens. The base stage's options (num_steps, stages) do not apply."""
+        return self._run(self.request("upscale", prompt, image=image, **arguments), on_step)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Task builders: the checks that depend on this pipeline, then the task's steps
