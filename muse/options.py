@@ -209,8 +209,8 @@ class Limits:
     max_prompt_chars: int = _limit(4096, "most characters of one prompt or negative prompt")
     # What the engine spends on one request, estimated before any work (`decode_cost`): the other limits bound each
     # size alone, but not their product -- a 64 px image outpainted by 192 px per side is 168 windows, each a full
-    # decode, and took the engine for 100-120 s while every other client waited. ~1.2-2.5 ms a row-step on the
-    # bundled model on one CPU thread; the library's default only stops a runaway call (~1 M: half an hour there).
+    # decode, and took the engine for 100-120 s while every other client waited. A row-step took 1.1-3.4 ms on the
+    # bundled model on one CPU thread; the library's default only stops a runaway call (1 M: roughly 20-60 minutes).
     max_row_steps: int = _limit(1_000_000, "most decoding work of one request, in row-steps (forward rows x "
                                            "decoding steps, summed over every window, stage, candidate and edit "
                                            "iteration; a guided row counts twice)")
@@ -255,7 +255,9 @@ def decode_cost(windows: int, steps: int, rows: int, row_tokens: float = 1.0) ->
     """Row-steps of decoding `windows` windows of `steps` steps each over `rows` forward rows (a guided image is two,
     `Guidance.context_rows`), each row `row_tokens` times the base model's grid in tokens (a super-resolution window
     of 16 x 16 tokens over an 8 x 8 base grid: 4). Each step also counts `STEP_OVERHEAD_ROWS`. What
-    `Limits.max_row_steps` bounds; an upper bound when some of a window's rows finish early."""
+    `Limits.max_row_steps` bounds; an upper bound when some of a window's rows finish early. Tokens stand for work,
+    not FLOPs: a super-res row-step of the bundled model measured nearer 6 base row-steps than its 4, and the
+    server's budget is sized on measured requests of both stages."""
     return math.ceil(windows * steps * (rows * row_tokens + STEP_OVERHEAD_ROWS))
 
 
