@@ -48,12 +48,17 @@ from muse.bundled import bundled_sampling_defaults
 from muse.options import PRECISIONS, add_option_arguments, deprecated_alias, given_options
 from muse.requests import (REQUESTS, EditRequest, GenerateRequest, InpaintRequest, OutpaintRequest, Request,
                            UpscaleRequest, add_request_arguments, given_request)
-from persist import atomic_write, atomic_write_text
+from persist import atomic_write, atomic_write_text, read_bytes_bounded
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.part*.jsonl"
 DTYPES = ("float32", "bfloat16", "float16")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Bounds of a --prompts file, checked before the model loads: a larger file is refused from its size, unread (a 50 MB
+# line once ran for 85 s), then its line count (each line becomes images to make) and each line's length
+# (`Limits.max_prompt_chars`). A longer batch is a few files, or a few runs into the same --out.
+MAX_PROMPT_FILE_BYTES = 16 << 20
+MAX_PROMPT_LINES = 200_000
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,8 @@ def _add_task_arguments(parser: argparse.ArgumentParser, request: type[Request],
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     _add_task_arguments(parser, GenerateRequest, prompt_required=False)
     parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
-                        help="text file with one prompt per line (blank lines are skipped)")
+                        help=f"text file with one prompt per line (blank lines are skipped; at most "
+                             f"{MAX_PROMPT_FILE_BYTES >> 20} MiB and {MAX_PROMPT_LINES} lines)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N",
                         help="images per pipeline call (default: 16)")
     _add_model_arguments(parser, "a new numbered folder outputs/NNNN")
@@ -299,14 +305,29 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
     from muse.inputs import file_problem
+    from muse.options import Limits
 
     problem = file_problem(args.prompts, "a text file")
     if problem not in (None, "does not exist"):  # only a regular file: a FIFO would block, /dev/zero never end
         raise SystemExit(f"muse generate: cannot read --prompts {args.prompts}: it {problem}")
     try:
-        lines = args.prompts.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        data = read_bytes_bounded(args.prompts, MAX_PROMPT_FILE_BYTES)
+    except (OSError, ValueError) as e:
         raise SystemExit(f"muse generate: cannot read --prompts {args.prompts}: {e}") from None
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"muse generate: cannot read --prompts {args.prompts}: {e}") from None
+    if len(lines) > MAX_PROMPT_LINES:
+        raise SystemExit(f"muse generate: --prompts {args.prompts} has {len(lines)} lines, more than the "
+                         f"{MAX_PROMPT_LINES} one run reads (split it; runs into the same --out resume)")
+    # Each line's length before the model loads, against the library's limit (the model's own is checked again when
+    # its task is made): one line number to fix, not a failure at that line's batch hours later.
+    max_chars = Limits().max_prompt_chars
+    for number, line in enumerate(lines, start=1):
+        if len(line.strip()) > max_chars:
+            raise SystemExit(f"muse generate: {args.prompts}:{number}: the prompt is {len(line.strip())} characters, "
+                             f"over the limit max_prompt_chars={max_chars}")
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise SystemExit(f"muse generate: {args.prompts} holds no prompts")

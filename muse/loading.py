@@ -220,6 +220,11 @@ def load_named(name: str, path: Path, load: Callable[[Path], Any]) -> Any:
     """Load the pipeline's component `name` (a folder of `path`; text_encoder.json for "text_encoder"), re-raising
     its error with the component's name in front."""
     where = path / (TEXT_ENCODER_FILE if name == "text_encoder" else name)
+    if name != "text_encoder" and not where.resolve().is_relative_to(path.resolve()):
+        # As for a text encoder's path (`_text_encoder_location`): a pipeline someone sent must not read files
+        # elsewhere on this machine through a component folder that is a symlink out of it.
+        raise ValueError(f"the pipeline's {name} at {where} leaves the pipeline directory (it resolves to "
+                         f"{where.resolve()}); component folders must be inside it")
     try:
         return load(path if name == "text_encoder" else where)
     except FileNotFoundError as e:

@@ -227,6 +227,13 @@ class Limits:
     # long prompt costs is the tokenizer's pass over the whole string -- a 15 MiB prompt took 19 s and +1.3 GB on
     # the engine thread, where no deadline can interrupt it. Counting characters costs nothing and needs no model.
     max_prompt_chars: int = _limit(4096, "most characters of one prompt or negative prompt")
+    # What the engine spends on one request, estimated before any work (`decode_cost`): the other limits bound each
+    # size alone, but not their product -- a 64 px image outpainted by 192 px per side is 168 windows, each a full
+    # decode, and took the engine for 100-120 s while every other client waited. A row-step took 1.1-3.4 ms on the
+    # bundled model on one CPU thread; the library's default only stops a runaway call (1 M: roughly 20-60 minutes).
+    max_row_steps: int = _limit(1_000_000, "most decoding work of one request, in row-steps (forward rows x "
+                                           "decoding steps, summed over every window, stage, candidate and edit "
+                                           "iteration; a guided row counts twice)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -256,6 +263,22 @@ class Limits:
         bound = getattr(self, limit)
         if value > bound:
             raise LimitExceeded(what, value, limit, bound)
+
+
+# A decoding step's cost beyond its rows, in rows: on the bundled model (one CPU thread) a step took about 4 ms plus
+# 1.7 ms a row, so a window of one guided image (2 rows) costs nearly three times its rows alone. Counting it keeps
+# the estimate honest for requests of many small windows (outpainting), whose steps cannot share a forward.
+STEP_OVERHEAD_ROWS = 4
+
+
+def decode_cost(windows: int, steps: int, rows: int, row_tokens: float = 1.0) -> int:
+    """Row-steps of decoding `windows` windows of `steps` steps each over `rows` forward rows (a guided image is two,
+    `Guidance.context_rows`), each row `row_tokens` times the base model's grid in tokens (a super-resolution window
+    of 16 x 16 tokens over an 8 x 8 base grid: 4). Each step also counts `STEP_OVERHEAD_ROWS`. What
+    `Limits.max_row_steps` bounds; an upper bound when some of a window's rows finish early. Tokens stand for work,
+    not FLOPs: a super-res row-step of the bundled model measured nearer 6 base row-steps than its 4, and the
+    server's budget is sized on measured requests of both stages."""
+    return math.ceil(windows * steps * (rows * row_tokens + STEP_OVERHEAD_ROWS))
 
 
 def option_names() -> list[str]:

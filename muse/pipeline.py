@@ -64,7 +64,7 @@ from muse.engine import Engine, Event, Job, ScoreJob, Step, Task, TaskHandle, Ta
 from muse.guidance import with_unconditional
 from muse.inputs import MAX_SEED, ImageInput, MaskInput
 from muse.loading import SCORER_DIR, PipelineConfig, load_scorer, read_pipeline, save_pipeline
-from muse.options import SamplingOptions, fast_bfloat16
+from muse.options import SamplingOptions, decode_cost, fast_bfloat16
 from muse.progress import progress
 from muse.requests import (REQUESTS, EditRequest, GenerateRequest, InpaintRequest, OutpaintRequest, Request, Scorer,
                            UpscaleRequest)
@@ -349,10 +349,14 @@ class MusePipeline:
     def task(self, request: Request) -> Task:
         """The engine task of `request`, for `submit` or an engine of your own. Every input is checked here, before
         any work: the request checked itself when made; what depends on this pipeline (its limits, its token size,
-        the images' real sizes) is checked now."""
+        the images' real sizes, the decoding the task will cost) is checked now."""
         if not isinstance(request, Request):
             raise TypeError(f"a task is made from a request (GenerateRequest, InpaintRequest, ...), got "
                             f"{type(request).__name__}")
+        # The prompts' length first, before any image is decoded or text tokenized: tokenizing a 15 MiB prompt took
+        # 19 s, on the engine thread in a server, where no deadline interrupts it.
+        self.config.limits.check_prompts("prompt", request.prompt)
+        self.config.limits.check_prompts("negative_prompt", request.negative_prompt)
         self.config.limits.check(request.options)  # options made elsewhere than `self.options`
         build = {GenerateRequest: self._generate_task, InpaintRequest: self._inpaint_task,
                  OutpaintRequest: self._outpaint_task, EditRequest: self._edit_task,
@@ -472,6 +476,8 @@ class MusePipeline:
 
     def _generate_task(self, request: GenerateRequest) -> Task:
         call = self._call(request.prompts, request)
+        g = self.transformer.config.grid_size
+        self._check_cost(call, torch.ones(g, g, dtype=torch.bool), self._superres_unknown(call, (g, g)))
         return Task(self._best_of(self._generate(call), call, request.scorer), "generate")
 
     def _inpaint_task(self, request: InpaintRequest) -> Task:
@@ -485,6 +491,11 @@ class MusePipeline:
         self._check_canvas(*images.shape[-2:], stride)
         prompts, images, masks = inputs.paired(request.prompts, images, masks)
         call = self._call(prompts, request)
+        dilation = self.config.mask_dilation
+        high = None
+        if call.stages == 2:
+            high = pixel_to_token_mask(masks, self.high_vqgan.config.downsample_factor, dilation).any(dim=0)
+        self._check_cost(call, pixel_to_token_mask(masks, stride, dilation).any(dim=0), high)
         return Task(self._best_of(self._inpaint(call, call.repeat(images), call.repeat(masks)), call,
                                   request.scorer), "inpaint")
 
@@ -500,6 +511,10 @@ class MusePipeline:
         self._check_canvas(height, width, stride)
         prompts, images, _ = inputs.paired(request.prompts, images)
         call = self._call(prompts, request)
+        high = None
+        if call.stages == 2:
+            high = _outpaint_unknown(images.shape[-2:], pad, self.high_vqgan.config.downsample_factor)
+        self._check_cost(call, _outpaint_unknown(images.shape[-2:], pad, stride), high)
         return Task(self._best_of(self._outpaint(call, call.repeat(images), pad), call, request.scorer), "outpaint")
 
     def _edit_task(self, request: EditRequest) -> Task:
@@ -511,6 +526,11 @@ class MusePipeline:
         prompts, images, _ = inputs.paired(request.prompts, images)
         call = self._call(prompts, request)
         strength = float(request.strength)
+        if strength > 0:
+            # Which tokens are re-masked is drawn later (or scored, in confidence mode): any window may hold some.
+            canvas = (images.shape[-2] // stride, images.shape[-1] // stride)
+            self._check_cost(call, torch.ones(canvas, dtype=torch.bool), self._superres_unknown(call, canvas),
+                             rounds=request.iterations, scored=request.mode != "random")
         steps = self._edit(call, call.repeat(images), strength, request.iterations, request.mode)
         return Task(self._best_of(steps, call, request.scorer, unchanged=strength == 0), "edit")
 
@@ -522,6 +542,8 @@ class MusePipeline:
         self._check_canvas(*images.shape[-2:], self.stride(1))
         prompts, images, _ = inputs.paired(request.prompts, images)
         call = self._call(prompts, request, dataclasses.replace(request.options, stages=2))
+        canvas = (images.shape[-2] // self.stride(1), images.shape[-1] // self.stride(1))
+        self._check_cost(call, None, self._superres_unknown(call, canvas))
         return Task(self._best_of(self._upscale(call, call.repeat(images)), call, request.scorer), "upscale")
 
     def _call(self, prompts: list[str], request: Request, options: SamplingOptions | None = None) -> _Call:
@@ -582,6 +604,35 @@ class MusePipeline:
         self.config.limits.check_value(f"the image's pixels ({images.shape[-1]}x{images.shape[-2]})",
                                        images.shape[-1] * images.shape[-2], "max_pixels")
         return images
+
+    def _check_cost(self, call: _Call, low: Tensor | None, high: Tensor | None, rounds: int = 1,
+                    scored: bool = False) -> None:
+        """Refuse a task whose decoding would cost more than `limits.max_row_steps` (`muse.options.decode_cost`),
+        before any of it runs. `low`, `high`: (h, w) bool, True where the base / super-res grid has tokens to decode
+        (shared by the batch; None: the stage does not run), planned into windows as `_decode_windows` plans them.
+        `rounds`: base-stage decodes (edit iterations); `scored`: each round first scores the whole base grid, one
+        step per window (edit's confidence mode). Every candidate is a row, and a guided one two."""
+        rows, options = call.options.guidance.context_rows(call.batch_size), call.options
+        g = self.transformer.config.grid_size
+        cost = 0
+        if low is not None:
+            windows = len(plan_windows(low, (g, g), self._overlap(g)))
+            cost += rounds * decode_cost(windows, options.num_steps, rows)
+            if scored:
+                everything = torch.ones_like(low)
+                cost += rounds * decode_cost(len(plan_windows(everything, (g, g), self._overlap(g))), 1, rows)
+        if high is not None:
+            gh = self.superres.config.high.grid_size
+            windows = len(plan_windows(high, (gh, gh), self._scale * self._overlap(g)))
+            cost += decode_cost(windows, options.superres_steps, rows, row_tokens=(gh / g) ** 2)
+        self.config.limits.check_value("the request's decoding cost in row-steps (estimated)", cost, "max_row_steps")
+
+    def _superres_unknown(self, call: _Call, canvas: tuple[int, int]) -> Tensor | None:
+        """(h * scale, w * scale) bool, all True: the super-res grid over a (h, w) base canvas, decoded whole; None
+        when the call has no super-res stage."""
+        if call.stages == 1:
+            return None
+        return torch.ones(canvas[0] * self._scale, canvas[1] * self._scale, dtype=torch.bool)
 
     def _check_canvas(self, height: int, width: int, stride: int) -> None:
         """The base-stage token canvas of a (height, width) pixel image is within `limits.max_tokens`."""
@@ -893,6 +944,13 @@ class MusePipeline:
                               candidate_seeds=row_seeds if n > 1 else None)
 
 
+
+
+def _outpaint_unknown(size: tuple[int, int], pad: tuple[int, int, int, int], stride: int) -> Tensor:
+    """(h', w') bool: the new border of an image of `size` (H, W) pixels outpainted by `pad` pixels, in tokens of
+    `stride` pixels (the canvas `sampling.outpaint_canvas` makes)."""
+    tokens = torch.zeros(1, size[0] // stride, size[1] // stride, dtype=torch.long)
+    return outpaint_canvas(tokens, token_padding(pad, stride), 0).mask[0]
 
 
 def _substream(seeds: Tensor, stage: int, iteration: int, window: int) -> Tensor:

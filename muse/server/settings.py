@@ -12,8 +12,11 @@ from muse.options import Limits
 
 # Stricter than the library's `Limits`: a server answers strangers, so one request may take less of the machine.
 # max_images counts candidates: 64 lets a request ask for 8 images at the most candidates a server allows.
+# max_row_steps: about 10-20 s of engine time on the bundled model on a 2-core CPU (1.1-3.4 ms a row-step measured,
+# under load); 8 images best of 8 (3168) and a 64 px image outpainted by 64 px per side (3456) fit, the same image
+# outpainted by 192 px per side (24192, 100-120 s) does not.
 SERVER_LIMITS = Limits(max_steps=100, max_images=64, max_candidates=8, max_pixels=512 * 512, max_pad=256,
-                       max_iterations=8, max_prompt_chars=2000)
+                       max_iterations=8, max_prompt_chars=2000, max_row_steps=6000)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # always allowed in the Host header
 
 

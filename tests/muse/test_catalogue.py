@@ -57,6 +57,13 @@ API = {
     "prompt of the wrong type": (lambda p: p(3.5), TypeError, "prompt must be a string"),
     "lone surrogate prompt": (lambda p: p("\ud83c apple"), ValueError, "is not valid text"),
     "lone surrogate negative prompt": (lambda p: p("a", negative_prompt="\udc00"), ValueError, "not valid text"),
+    # prompt length, before any tokenizing (issue 22: a 15 MiB prompt took 19 s of it), in every task
+    "prompt of 5000 characters": (lambda p: p("a" * 5000), ValueError,
+                                  "prompt's characters=5000 is over the limit max_prompt_chars=4096"),
+    "negative prompt of 5000 characters": (lambda p: p("a", negative_prompt="b" * 5000), ValueError,
+                                           "negative_prompt's characters=5000 is over the limit max_prompt_chars"),
+    "a long prompt in a list, editing": (lambda p: p.edit(["a", "b" * 5000], image=IMAGE, strength=0.5), ValueError,
+                                         r"prompt\[1\]'s characters=5000 is over the limit max_prompt_chars"),
     # counts and limits
     "num_images 0": (lambda p: p("a", num_images=0), ValueError, "num_images must be >= 1"),
     "num_images a float": (lambda p: p("a", num_images=2.5), TypeError, "num_images must be an integer"),
@@ -129,6 +136,11 @@ API = {
     "strength a string": (lambda p: p.edit("a", image=IMAGE, strength="half"), ValueError, "strength must be a"),
     "iterations 10**9": (lambda p: p.edit("a", image=IMAGE, strength=0.5, iterations=10**9), ValueError,
                          "over the limit max_iterations"),
+    # Each size within its limit, their product not: 961 windows of a 64 x 64 token canvas, 100 times over.
+    "256 px edit, 100 iterations": (lambda p: p.edit("a", image=np.zeros((256, 256, 3), np.uint8), strength=0.5,
+                                                     iterations=100), ValueError,
+                                    r"decoding cost in row-steps \(estimated\)=2306400 is over the limit "
+                                    r"max_row_steps=1000000"),
     "iterations 0": (lambda p: p.edit("a", image=IMAGE, strength=0.5, iterations=0), ValueError,
                      "iterations must be >= 1"),
     "edit mode": (lambda p: p.edit("a", image=IMAGE, strength=0.5, mode="best"), ValueError, "mode must be one of"),
@@ -248,6 +260,13 @@ def edit_json(file, change):
     file.write_text(json.dumps(data))
 
 
+def symlink_out(directory, name):
+    """Move the component folder `name` out of the pipeline `directory` and leave a symlink to it in its place."""
+    outside = directory.parent / f"{name}-elsewhere"
+    shutil.move(directory / name, outside)
+    (directory / name).symlink_to(outside, target_is_directory=True)
+
+
 DIRECTORIES = {
     "no pipeline.json": (lambda d: (d / "pipeline.json").unlink(), FileNotFoundError, "pipeline.json not found"),
     "pipeline.json not JSON": (lambda d: (d / "pipeline.json").write_text("{"), ValueError, "is not valid JSON"),
@@ -272,6 +291,14 @@ DIRECTORIES = {
                            ValueError, "weights_sha256 must be 64 lowercase hex digits"),
     "text encoder outside": (lambda d: edit_json(d / "text_encoder.json", lambda c: c.update(
         name_or_path="../../outside")), ValueError, "leaves the pipeline directory"),
+    # A component folder that is a symlink out of the pipeline directory, refused as a text encoder path is.
+    "vqgan folder a symlink out": (lambda d: symlink_out(d, "vqgan"), ValueError,
+                                   "pipeline's vqgan at .* leaves the pipeline directory"),
+    "transformer folder a symlink out": (lambda d: symlink_out(d, "transformer"), ValueError,
+                                         "pipeline's transformer at .* leaves the pipeline directory"),
+    "scorer folder a symlink out": (lambda d: ((d.parent / "scorer-elsewhere").mkdir(),
+                                               (d / "scorer").symlink_to(d.parent / "scorer-elsewhere")), ValueError,
+                                    "pipeline's scorer at .* leaves the pipeline directory"),
     "text encoder key": (lambda d: edit_json(d / "text_encoder.json", lambda c: c.update(kindd="t5")), ValueError,
                          "unknown config key 'kindd'"),
     "corrupt scorer": (lambda d: ((d / "scorer").mkdir(), (d / "scorer" / "config.json").write_text("{")),
@@ -292,6 +319,17 @@ def test_damaged_pipeline_directories_are_named(tiny_pipeline_dir, tmp_path, nam
     damage(copy)
     with pytest.raises(error, match=message):
         MusePipeline.from_pretrained(copy)
+
+
+def test_a_component_folder_linked_inside_the_pipeline_directory_loads(tiny_pipeline_dir, tmp_path):
+    """Only leaving the directory is refused: a symlink to a folder inside it (or a pipeline directory reached
+    through a symlink) loads as before."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_pipeline_dir, copy)
+    shutil.move(copy / "vqgan", copy / "vqgan-real")
+    (copy / "vqgan").symlink_to("vqgan-real", target_is_directory=True)
+    (tmp_path / "link").symlink_to(copy, target_is_directory=True)
+    assert MusePipeline.from_pretrained(tmp_path / "link").vqgan is not None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -420,3 +458,29 @@ def test_a_non_utf8_prompts_file_is_named(tmp_path):
         run("generate", "--prompts", tmp_path / "latin1.txt", "--out", tmp_path / "o")
 
 
+
+
+@pytest.mark.parametrize("name", ["50 MB line", "too many lines", "a long line", "/dev/zero"])
+def test_prompt_files_are_bounded_and_refused_before_the_model_loads(tmp_path, name):
+    """A 50 MB single-line --prompts file once ran for 85 s and /dev/zero until memory ran out: now each is a one-line
+    error, naming the file (and the line), in well under a second and before any model is touched."""
+    from muse.generate import MAX_PROMPT_FILE_BYTES, MAX_PROMPT_LINES
+
+    file = tmp_path / "p.txt"
+    if name == "50 MB line":
+        file.write_bytes(b"a" * 50_000_000)
+        message = f"is 50000000 bytes, more than the {MAX_PROMPT_FILE_BYTES}"
+    elif name == "too many lines":
+        file.write_bytes(b"a\n" * (MAX_PROMPT_LINES + 1))
+        message = f"has {MAX_PROMPT_LINES + 1} lines, more than the {MAX_PROMPT_LINES}"
+    elif name == "a long line":
+        file.write_text("a red apple\n\n" + "b" * 5000 + "\na cat\n")
+        message = f"{file}:3: the prompt is 5000 characters, over the limit max_prompt_chars=4096"
+    else:
+        file = "/dev/zero"
+        message = "/dev/zero: it is a device, not a regular file"
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        run("generate", "--prompts", file, "--out", tmp_path / "o", "--model", "nowhere-model")
+    assert time.perf_counter() - start < 1.0
+    assert message in str(exit_info.value) and "\n" not in str(exit_info.value), exit_info.value

@@ -138,3 +138,60 @@ def test_mismatched_components_are_refused(tiny_pipe):
         MusePipeline(tiny_pipe.vqgan, tiny_pipe.text_encoder, wrong)
     with pytest.raises(ValueError, match="window_overlap"):
         PipelineConfig(window_overlap=1.0)
+
+
+def estimated_cost(pipe, call) -> int:
+    """The decoding cost `pipe.task` estimates for `call(pipe)`, read from the refusal of a pipeline that allows 1."""
+    import copy
+    import dataclasses
+    import types
+
+    from muse.options import LimitExceeded, Limits
+
+    limited = copy.copy(pipe)
+    limited.config = dataclasses.replace(pipe.config, limits=Limits(max_row_steps=1))
+    # The estimate is made before any work: nothing may reach an engine.
+    limited.engine = types.SimpleNamespace(run=lambda task: pytest.fail("the request reached the engine"))
+    with pytest.raises(LimitExceeded) as refusal:
+        call(limited)
+    assert refusal.value.limit == "max_row_steps"
+    return refusal.value.value
+
+
+def test_decode_cost_counts_windows_steps_rows_and_each_steps_overhead():
+    from muse.options import STEP_OVERHEAD_ROWS, decode_cost
+
+    assert decode_cost(windows=1, steps=24, rows=2) == 24 * (2 + STEP_OVERHEAD_ROWS)
+    assert decode_cost(windows=168, steps=24, rows=2) == 168 * 24 * (2 + STEP_OVERHEAD_ROWS)
+    assert decode_cost(windows=1, steps=8, rows=2, row_tokens=4.0) == 8 * (2 * 4 + STEP_OVERHEAD_ROWS)
+    assert decode_cost(windows=0, steps=24, rows=2) == 0
+
+
+def test_the_cost_estimate_counts_windows_candidates_guidance_stages_and_iterations(tiny_pipe, tiny_cascade):
+    """Hand-counted on the tiny pipelines (4 x 4 token grid, windows overlapping by 2 tokens, 4 steps, guidance on;
+    the cascade's super-res grid is 8 x 8, 3 steps): rows x steps per window, plus 4 rows of overhead per step."""
+    from muse.options import STEP_OVERHEAD_ROWS as O
+
+    image = np.zeros((16, 16, 3), np.uint8)
+    # one window, 2 guided rows per image
+    assert estimated_cost(tiny_pipe, lambda p: p("a")) == 4 * (2 + O)
+    assert estimated_cost(tiny_pipe, lambda p: p("a", num_images=2)) == 4 * (4 + O)
+    assert estimated_cost(tiny_pipe, lambda p: p("a", guidance_scale=1.0)) == 4 * (1 + O)  # unguided: one row
+    assert estimated_cost(tiny_pipe, lambda p: p(["a", "b"], num_candidates=3)) == 4 * (12 + O)  # candidates are rows
+    assert estimated_cost(tiny_pipe, lambda p: p("a", num_steps=10)) == 10 * (2 + O)
+    # outpainting 4 x 4 tokens by 4 on the right: windows at columns 0 (all known: skipped), 2 and 4
+    assert estimated_cost(tiny_pipe, lambda p: p.outpaint("a", image=image, pad=(0, 0, 16, 0))) == 2 * 4 * (2 + O)
+    # editing an 8 x 8 token image: 3 x 3 windows, twice, each round first scored (one step a window) in
+    # confidence mode
+    big = np.zeros((32, 32, 3), np.uint8)
+    assert estimated_cost(tiny_pipe, lambda p: p.edit("a", image=big, strength=0.5, iterations=2)) == \
+        2 * 9 * 4 * (2 + O)
+    assert estimated_cost(tiny_pipe, lambda p: p.edit("a", image=big, strength=0.5, iterations=2,
+                                                      mode="confidence")) == 2 * (9 * 4 + 9) * (2 + O)
+    # inpainting: only the windows holding masked tokens (a 2-token corner, grown by mask_dilation=1)
+    mask = np.zeros((32, 32), bool)
+    mask[:4, :4] = True
+    assert estimated_cost(tiny_pipe, lambda p: p.inpaint("a", image=big, mask=mask)) == 1 * 4 * (2 + O)
+    # the cascade: the base stage, then one super-res window of 8 x 8 tokens, a row costing 4 base rows
+    assert estimated_cost(tiny_cascade, lambda p: p("a")) == 4 * (2 + O) + 3 * (2 * 4 + O)
+    assert estimated_cost(tiny_cascade, lambda p: p.upscale("a", image=image)) == 3 * (2 * 4 + O)

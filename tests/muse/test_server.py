@@ -474,6 +474,28 @@ def test_a_prompt_over_max_prompt_chars_is_refused_before_any_work(server):
     assert call(server, "POST", "/generate", {"prompt": "a" * limit, "num_steps": 1})[0] == 200
 
 
+def test_an_outpaint_costing_minutes_is_refused_by_its_estimate_in_milliseconds():
+    """Issue 22: a 64 px image outpainted by 192 px per side (448 x 448, within every other default limit) is 168
+    windows of 24 steps on the bundled model and took the engine for 100-120 s, slowing every other client 20x. The
+    server refuses it from its estimated cost, before any work, naming its flag; a cheaper outpaint is accepted."""
+    from muse.pipeline import MusePipeline
+    from muse.server.settings import SERVER_LIMITS
+
+    pipe = MusePipeline.from_pretrained()  # the bundled model: the case's cost is its grid's and steps'
+    image = png(Image.new("RGB", (64, 64), "white"))
+    with ServerThread(create_app(pipe, FAST), FAST) as url:
+        start = time.perf_counter()
+        status, out, _ = call(url, "POST", "/outpaint", {"prompt": "sky", "image": image, "pad": [192] * 4})
+        elapsed = time.perf_counter() - start
+        assert status == 400 and out["error"] == (
+            "the request's decoding cost in row-steps (estimated)=24192 is over the limit "
+            f"max_row_steps={SERVER_LIMITS.max_row_steps} (muse serve --max-row-steps)"), out
+        assert elapsed < 1.0
+        status, out, _ = call(url, "POST", "/outpaint", {"prompt": "sky", "image": image, "pad": [0, 0, 8, 0],
+                                                         "num_steps": 2, "seed": 0})
+        assert status == 200 and pixels(out["images"][0]).shape == (64, 72, 3), out
+
+
 def test_limits_check_prompts_is_the_one_check_for_every_entry_point():
     from muse.options import Limits
 
