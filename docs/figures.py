@@ -374,6 +374,53 @@ def curves(args: argparse.Namespace) -> dict:
     })
 
 
+def border_statistics(images: list[Image.Image]) -> dict[str, float]:
+    """Mean |difference| between neighbouring pixels at the image's edge and one line in: an edge pixel against the
+    one inside it, a corner pixel against its inward diagonal neighbour, each beside the same measure one line further
+    in (what a border with no artefact should match)."""
+    edge, edge_inner, corner, corner_inner = [], [], [], []
+    for image in images:
+        a = np.asarray(image.convert("RGB")).astype(np.float64)
+        for line, inner, deeper in ((a[0], a[1], a[2]), (a[-1], a[-2], a[-3]),
+                                    (a[:, 0], a[:, 1], a[:, 2]), (a[:, -1], a[:, -2], a[:, -3])):
+            edge.append(np.abs(line - inner).mean())
+            edge_inner.append(np.abs(inner - deeper).mean())
+        for y, x, dy, dx in ((0, 0, 1, 1), (0, -1, 1, -1), (-1, 0, -1, 1), (-1, -1, -1, -1)):
+            corner.append(np.abs(a[y, x] - a[y + dy, x + dx]).mean())
+            corner_inner.append(np.abs(a[y + dy, x + dx] - a[y + 2 * dy, x + 2 * dx]).mean())
+    return {"edge": float(np.mean(edge)), "edge_one_in": float(np.mean(edge_inner)),
+            "corner": float(np.mean(corner)), "corner_one_in": float(np.mean(corner_inner))}
+
+
+@torch.inference_mode()
+def borders(args: argparse.Namespace) -> dict:
+    """The same tokens decoded by two VQGAN decoders (`--before`, `--after`): generated images of the training and
+    held-out prompts, rows before / after, and the border statistics and held-out PSNR of each."""
+    sys.path.insert(0, str(DOCS.parent))
+    from vqgan.model import VQGAN
+
+    pipe = load_pipeline(args.model)
+    prompts = TRAIN_PROMPTS + HELDOUT_PROMPTS
+    tokens = pipe(prompts, seed=args.seed, num_candidates=1, output_type="tokens").tokens  # (B, h, w)
+    result: dict = {"model": args.model or "bundled default", "prompts": prompts, "seed": args.seed}
+    rows = []
+    for name, path in (("before", args.before), ("after", args.after)):
+        vqgan = VQGAN.from_pretrained(path).eval()
+        images = [Image.fromarray(a) for a in to_uint8(vqgan.decode(tokens))]
+        rows.append([np.asarray(image) for image in images])
+        heldout = heldout_rows(args.data)
+        real, rec = [], []
+        for start in range(0, len(heldout), 64):
+            x = load_images(args.data, heldout[start : start + 64], vqgan.config.resolution)
+            real.append(to_uint8(x))
+            rec.append(to_uint8(vqgan.decode(vqgan.encode(x))))
+        result[name] = {"vqgan": str(path), "borders": border_statistics(images),
+                        "heldout_psnr_db": psnr(np.concatenate(real), np.concatenate(rec)), "heldout_images": len(heldout)}
+    image = grid(rows)
+    image = image.resize((image.width * args.scale, image.height * args.scale), Image.NEAREST)
+    return save(image, args.out or DOCS / "vqgan-borders.png", result)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -409,6 +456,15 @@ def main(argv: list[str] | None = None) -> None:
                            default=["green apple, noto style", "red heart, noto style", "banana, noto style"])
             p.add_argument("--outpaint-prompt", default="red apple, noto style")
         p.set_defaults(make=run)
+    p = sub.add_parser("borders", help="one set of generated tokens through two VQGAN decoders: borders and PSNR")
+    p.add_argument("--before", type=Path, required=True, help="the first VQGAN directory")
+    p.add_argument("--after", type=Path, required=True, help="the second VQGAN directory")
+    p.add_argument("--model", default=None, help="pipeline directory whose tokens are decoded (default: bundled)")
+    p.add_argument("--data", type=Path, default=Path("data/emoji"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=int, default=3, help="nearest-neighbour upscaling of the figure, for viewing")
+    p.add_argument("--out", type=Path, default=None)
+    p.set_defaults(make=borders)
     p = sub.add_parser("curves", help="fixed-ratio validation curves of a masked-token training run")
     p.add_argument("--run", type=Path, required=True, help="run directory (CSV or TensorBoard logs)")
     p.add_argument("--out", type=Path, default=None)
