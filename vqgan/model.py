@@ -144,10 +144,8 @@ class Decoder(nn.Module):
                 layers.append(Upsample(channels))
         self.up = nn.Sequential(*layers)
         self.norm_out = nn.GroupNorm(config.norm_groups, channels)
-        self.conv_out = nn.Conv2d(channels, 3, 3, padding=1)
-        for module in self.modules():  # the weights are the same whatever the padding: a saved decoder can switch
-            if isinstance(module, nn.Conv2d) and module.padding != (0, 0):
-                module.padding_mode = config.decoder_padding
+        # The weights are the same whatever the padding: a saved decoder can switch and be fine-tuned.
+        self.conv_out = nn.Conv2d(channels, 3, 3, padding=1, padding_mode=config.output_padding)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.up(self.mid(self.conv_in(z)))
