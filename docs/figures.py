@@ -374,29 +374,12 @@ def curves(args: argparse.Namespace) -> dict:
     })
 
 
-def border_statistics(images: list[Image.Image]) -> dict[str, float]:
-    """Mean |difference| between neighbouring pixels at the image's edge and one line in: an edge pixel against the
-    one inside it, a corner pixel against its inward diagonal neighbour, each beside the same measure one line further
-    in (what a border with no artefact should match)."""
-    edge, edge_inner, corner, corner_inner = [], [], [], []
-    for image in images:
-        a = np.asarray(image.convert("RGB")).astype(np.float64)
-        for line, inner, deeper in ((a[0], a[1], a[2]), (a[-1], a[-2], a[-3]),
-                                    (a[:, 0], a[:, 1], a[:, 2]), (a[:, -1], a[:, -2], a[:, -3])):
-            edge.append(np.abs(line - inner).mean())
-            edge_inner.append(np.abs(inner - deeper).mean())
-        for y, x, dy, dx in ((0, 0, 1, 1), (0, -1, 1, -1), (-1, 0, -1, 1), (-1, -1, -1, -1)):
-            corner.append(np.abs(a[y, x] - a[y + dy, x + dx]).mean())
-            corner_inner.append(np.abs(a[y + dy, x + dx] - a[y + 2 * dy, x + 2 * dx]).mean())
-    return {"edge": float(np.mean(edge)), "edge_one_in": float(np.mean(edge_inner)),
-            "corner": float(np.mean(corner)), "corner_one_in": float(np.mean(corner_inner))}
-
-
 @torch.inference_mode()
 def borders(args: argparse.Namespace) -> dict:
     """The same tokens decoded by two VQGAN decoders (`--before`, `--after`): generated images of the training and
     held-out prompts, rows before / after, and the border statistics and held-out PSNR of each."""
     sys.path.insert(0, str(DOCS.parent))
+    from muse.evaluate import border_statistics
     from vqgan.model import VQGAN
 
     pipe = load_pipeline(args.model)

@@ -434,6 +434,26 @@ def _fidelity(scorer: PromptScorer, embeddings: Tensor, prompts: Sequence[str], 
                     top1=float((ranks < 1).float().mean()), top5=float((ranks < 5).float().mean()))
 
 
+def border_statistics(images: list[Image.Image]) -> dict[str, float]:
+    """Mean |difference| between neighbouring pixels at the image's edge and one line in: an edge pixel against the
+    one inside it, a corner pixel against its inward diagonal neighbour, each beside the same measure one line further
+    in (what a border with no artefact should match)."""
+    import numpy as np
+
+    edge, edge_inner, corner, corner_inner = [], [], [], []
+    for image in images:
+        a = np.asarray(image.convert("RGB")).astype(np.float64)  # (H, W, 3)
+        for line, inner, deeper in ((a[0], a[1], a[2]), (a[-1], a[-2], a[-3]),
+                                    (a[:, 0], a[:, 1], a[:, 2]), (a[:, -1], a[:, -2], a[:, -3])):
+            edge.append(np.abs(line - inner).mean())
+            edge_inner.append(np.abs(inner - deeper).mean())
+        for y, x, dy, dx in ((0, 0, 1, 1), (0, -1, 1, -1), (-1, 0, -1, 1), (-1, -1, -1, -1)):
+            corner.append(np.abs(a[y, x] - a[y + dy, x + dx]).mean())
+            corner_inner.append(np.abs(a[y + dy, x + dx] - a[y + 2 * dy, x + 2 * dx]).mean())
+    return {"edge": float(np.mean(edge)), "edge_one_in": float(np.mean(edge_inner)),
+            "corner": float(np.mean(corner)), "corner_one_in": float(np.mean(corner_inner))}
+
+
 def _generate(pipe: MusePipeline, prompts: list[str], config: EvalConfig, *, batch_size: int | None = None,
               **options) -> list[Image.Image]:
     """One image per prompt, image i with seed config.seed + i, in pipeline calls of `batch_size` prompts."""

@@ -47,3 +47,16 @@ def test_generating_with_the_bundled_model_imports_no_transformers(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_generated_images_have_no_border_artefact(bundled):
+    """The bundled decoder once drew a green top-left pixel and pinkish bottom corners in every image (issue 24); its
+    borders now look like the pixels one line in: an edge or corner pixel differs from its inward neighbour about as
+    much as that neighbour differs from the next one in (docs/figures.py `borders`, the same statistics)."""
+    from muse.evaluate import border_statistics
+
+    prompts = ["red apple, noto style", "a cat face, twemoji style", "fire, noto style", "a red heart, noto style",
+               "a penguin, fluent style", "a rainbow, twemoji style", "sunglasses, noto style", "a globe, twemoji style"]
+    stats = border_statistics(bundled(prompts, seed=0, num_candidates=1).images)
+    assert stats["corner"] < 1.5 * stats["corner_one_in"], stats
+    assert stats["edge"] < 1.5 * stats["edge_one_in"], stats
