@@ -39,17 +39,24 @@ def browser_paths() -> tuple[str, str]:
     return browser, driver
 
 
-@pytest.fixture(scope="module")
-def browser():
+def headless_chrome(*flags: str, log_browser: bool = False):
+    """A headless Chromium driven by selenium (skipped or failed as `browser_paths` says), with extra `flags`."""
     browser, driver = browser_paths()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900", *flags):
         options.add_argument(flag)
-    chrome = webdriver.Chrome(options=options, service=Service(driver))
+    if log_browser:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(driver))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chrome = headless_chrome()
     yield chrome
     chrome.quit()
 

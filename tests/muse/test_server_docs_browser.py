@@ -10,23 +10,13 @@ import urllib.request
 import pytest
 
 from muse.server import TASKS, ServerSettings, ServerThread, create_app
-from tests.muse.test_editor_browser import TIMEOUT, browser_paths
+from tests.muse.test_editor_browser import TIMEOUT, headless_chrome
 
 
 @pytest.fixture(scope="module")
 def browser():
-    browser, driver = browser_paths()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
     # Offline: every host but the loopback server resolves nowhere, so a CDN script would fail to load.
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    chrome = webdriver.Chrome(options=options, service=Service(driver))
+    chrome = headless_chrome("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", log_browser=True)
     yield chrome
     chrome.quit()
 
